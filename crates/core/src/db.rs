@@ -1,0 +1,272 @@
+//! The one seam between the two storage backends for Intake's fixed tables: which database a
+//! URL names, connection pools with per-backend session set-up, and migrations under a lock.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, PooledConnection};
+use diesel::sqlite::SqliteConnection;
+use diesel::{Connection, RunQueryDsl};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+use crate::settings::DatabaseSettings;
+
+const PG_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/postgres");
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations/sqlite");
+
+/// Arbitrary constant naming Intake's migration lock among PostgreSQL advisory locks.
+const MIGRATION_LOCK_KEY: i64 = 0x1A7A_4E00_0001;
+
+/// Which database a `database.url` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseTarget {
+    Postgres(String),
+    /// A SQLite database file.
+    Sqlite(PathBuf),
+}
+
+impl DatabaseTarget {
+    /// `postgres://` and `postgresql://` URLs are PostgreSQL; `sqlite://PATH`, `sqlite:PATH`
+    /// and a bare path are SQLite files.
+    pub fn parse(url: &str) -> anyhow::Result<DatabaseTarget> {
+        let url = url.trim();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(DatabaseTarget::Postgres(url.to_owned()));
+        }
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .unwrap_or(url);
+        if path.is_empty() || path.contains("://") {
+            return Err(anyhow!(
+                "database.url {url:?} is neither a postgres:// URL nor a SQLite file path"
+            ));
+        }
+        Ok(DatabaseTarget::Sqlite(PathBuf::from(path)))
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self, DatabaseTarget::Sqlite(_))
+    }
+
+    /// A description safe to log: PostgreSQL passwords are masked.
+    pub fn redacted(&self) -> String {
+        match self {
+            DatabaseTarget::Sqlite(path) => format!("SQLite file {}", path.display()),
+            DatabaseTarget::Postgres(url) => format!("PostgreSQL {}", redact_url_password(url)),
+        }
+    }
+}
+
+fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+type PgManager = ConnectionManager<PgConnection>;
+type SqliteManager = ConnectionManager<SqliteConnection>;
+
+/// A pooled connection to either backend. Code that must write different SQL per backend
+/// matches on it; everything else just passes it along.
+pub enum DbConn {
+    Pg(PooledConnection<PgManager>),
+    Sqlite(PooledConnection<SqliteManager>),
+}
+
+/// A connection pool to either backend, cheap to clone.
+#[derive(Clone)]
+pub enum DbPool {
+    Pg(diesel::r2d2::Pool<PgManager>),
+    Sqlite(diesel::r2d2::Pool<SqliteManager>),
+}
+
+/// Why a connection could not be had: callers on the request path turn this into a 503.
+#[derive(Debug, thiserror::Error)]
+#[error("database unavailable: {0}")]
+pub struct PoolError(String);
+
+#[derive(Debug)]
+struct PgSession {
+    statement_timeout_ms: u64,
+}
+
+impl CustomizeConnection<PgConnection, diesel::r2d2::Error> for PgSession {
+    fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+        conn.batch_execute(&format!(
+            "SET statement_timeout = {}; SET lock_timeout = {}; SET application_name = 'intake'",
+            self.statement_timeout_ms, self.statement_timeout_ms
+        ))
+        .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+#[derive(Debug)]
+struct SqliteSession {
+    busy_timeout_ms: u64,
+}
+
+impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqliteSession {
+    fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
+        sqlite_session_setup(conn, self.busy_timeout_ms).map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// WAL lets readers run beside the writer; `synchronous = FULL` makes every commit durable
+/// before it returns, which is what a 201 promises.
+pub fn sqlite_session_setup(
+    conn: &mut SqliteConnection,
+    busy_timeout_ms: u64,
+) -> diesel::QueryResult<()> {
+    conn.batch_execute(&format!(
+        "PRAGMA busy_timeout = {busy_timeout_ms}; PRAGMA journal_mode = WAL; \
+         PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;"
+    ))
+}
+
+impl DbPool {
+    /// Builds a pool without connecting, so that a process can start (and report not-ready)
+    /// while the database is down; connections are made on demand.
+    pub fn new(target: &DatabaseTarget, settings: &DatabaseSettings) -> anyhow::Result<DbPool> {
+        let checkout = Duration::from_millis(settings.checkout_timeout_ms.max(1));
+        Ok(match target {
+            DatabaseTarget::Postgres(url) => DbPool::Pg(
+                diesel::r2d2::Pool::builder()
+                    .max_size(settings.pool_size)
+                    .min_idle(Some(1))
+                    .connection_timeout(checkout)
+                    .test_on_check_out(true)
+                    .connection_customizer(Box::new(PgSession {
+                        statement_timeout_ms: settings.statement_timeout_ms,
+                    }))
+                    .build_unchecked(PgManager::new(url.clone())),
+            ),
+            DatabaseTarget::Sqlite(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating directory {}", dir.display()))?;
+                }
+                DbPool::Sqlite(
+                    diesel::r2d2::Pool::builder()
+                        .max_size(settings.pool_size)
+                        .min_idle(Some(1))
+                        .connection_timeout(checkout)
+                        .test_on_check_out(false)
+                        .connection_customizer(Box::new(SqliteSession {
+                            busy_timeout_ms: settings.statement_timeout_ms,
+                        }))
+                        .build_unchecked(SqliteManager::new(path.to_string_lossy())),
+                )
+            }
+        })
+    }
+
+    pub fn get(&self) -> Result<DbConn, PoolError> {
+        match self {
+            DbPool::Pg(pool) => pool.get().map(DbConn::Pg),
+            DbPool::Sqlite(pool) => pool.get().map(DbConn::Sqlite),
+        }
+        .map_err(|e| PoolError(e.to_string()))
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        matches!(self, DbPool::Sqlite(_))
+    }
+
+    /// Pings the database: what `GET /ready` reports.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let mut conn = self.get()?;
+        match &mut conn {
+            DbConn::Pg(c) => diesel::sql_query("SELECT 1").execute(&mut **c)?,
+            DbConn::Sqlite(c) => diesel::sql_query("SELECT 1").execute(&mut **c)?,
+        };
+        Ok(())
+    }
+}
+
+/// Applies pending migrations. On PostgreSQL an advisory lock makes concurrent starts wait
+/// for one another; on SQLite the file's write lock does, and a process that loses the race
+/// re-checks and finds nothing left to do.
+pub fn run_migrations(target: &DatabaseTarget, settings: &DatabaseSettings) -> anyhow::Result<()> {
+    match target {
+        DatabaseTarget::Postgres(url) => {
+            let mut conn = PgConnection::establish(url)
+                .with_context(|| format!("connecting to {}", target.redacted()))?;
+            diesel::sql_query(format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
+                .execute(&mut conn)?;
+            let result = conn.run_pending_migrations(PG_MIGRATIONS).map(|_| ());
+            diesel::sql_query(format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
+                .execute(&mut conn)?;
+            result.map_err(|e| anyhow!("migrating {}: {e}", target.redacted()))
+        }
+        DatabaseTarget::Sqlite(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating directory {}", dir.display()))?;
+            }
+            let mut conn = SqliteConnection::establish(&path.to_string_lossy())
+                .with_context(|| format!("opening {}", target.redacted()))?;
+            sqlite_session_setup(&mut conn, settings.statement_timeout_ms.max(5_000))?;
+            let mut last_error = None;
+            for _ in 0..5 {
+                match conn.run_pending_migrations(SQLITE_MIGRATIONS) {
+                    Ok(_) => return Ok(()),
+                    Err(e) => {
+                        last_error = Some(e.to_string());
+                        std::thread::sleep(Duration::from_millis(200));
+                        if !conn
+                            .has_pending_migration(SQLITE_MIGRATIONS)
+                            .unwrap_or(true)
+                        {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            Err(anyhow!(
+                "migrating {}: {}",
+                target.redacted(),
+                last_error.unwrap_or_default()
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_their_backend() {
+        assert_eq!(
+            DatabaseTarget::parse("postgres://u:p@h/db").unwrap_or_else(|e| panic!("{e}")),
+            DatabaseTarget::Postgres("postgres://u:p@h/db".into())
+        );
+        assert_eq!(
+            DatabaseTarget::parse("sqlite://data/intake.db").unwrap_or_else(|e| panic!("{e}")),
+            DatabaseTarget::Sqlite("data/intake.db".into())
+        );
+        assert_eq!(
+            DatabaseTarget::parse("/tmp/x.db").unwrap_or_else(|e| panic!("{e}")),
+            DatabaseTarget::Sqlite("/tmp/x.db".into())
+        );
+        assert!(DatabaseTarget::parse("mysql://h/db").is_err());
+        assert!(DatabaseTarget::parse("sqlite://").is_err());
+    }
+
+    #[test]
+    fn passwords_are_masked() {
+        let t = DatabaseTarget::Postgres("postgres://bob:hunter2@db:5432/x".into());
+        assert_eq!(t.redacted(), "PostgreSQL postgres://bob:***@db:5432/x");
+    }
+}

@@ -1,0 +1,148 @@
+//! Configuration: built-in defaults < `config/default.toml` < `--config FILE` < environment.
+//!
+//! The built-in defaults are the repository's `config/default.toml`, compiled in, so that the
+//! documented file and the behaviour with no file at all can never drift apart.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use config::{Config, Environment, File, FileFormat};
+use serde::Deserialize;
+
+const BUILT_IN_DEFAULTS: &str = include_str!("../../../config/default.toml");
+
+/// Where the operator's copy of the defaults is looked for, relative to the working directory.
+pub const DEFAULT_CONFIG_PATH: &str = "config/default.toml";
+
+/// Every setting of every Intake process.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub auth: AuthSettings,
+    pub loader: LoaderSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    pub bind: String,
+    pub workers: usize,
+    pub max_records_per_request: usize,
+    pub max_body_bytes: usize,
+    pub max_json_depth: usize,
+    pub client_request_timeout_secs: u64,
+    pub body_timeout_secs: u64,
+    pub shutdown_timeout_secs: u64,
+    pub retry_after_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub pool_size: u32,
+    pub checkout_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSettings {
+    pub cache_ttl_secs: u64,
+    pub last_used_flush_secs: u64,
+}
+
+/// Whether `intake-server` runs loader passes in-process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddedLoader {
+    /// On for SQLite (the zero set-up default), off for PostgreSQL (run loaders separately).
+    Auto,
+    On,
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LoaderSettings {
+    pub interval_secs: u64,
+    pub embedded: EmbeddedLoader,
+    pub embedded_interval_secs: u64,
+    pub chunk_size: usize,
+}
+
+impl Settings {
+    /// Loads the settings in precedence order and checks them, so that a bad setting stops the
+    /// process at start with a message naming it rather than misbehaving later.
+    pub fn load(config_file: Option<&Path>) -> anyhow::Result<Settings> {
+        let mut builder =
+            Config::builder().add_source(File::from_str(BUILT_IN_DEFAULTS, FileFormat::Toml));
+        builder =
+            builder.add_source(File::new(DEFAULT_CONFIG_PATH, FileFormat::Toml).required(false));
+        if let Some(path) = config_file {
+            if !path.exists() {
+                bail!("configuration file {} does not exist", path.display());
+            }
+            builder = builder.add_source(File::from(PathBuf::from(path)).format(FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            Environment::with_prefix("INTAKE")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        if let Ok(url) = std::env::var("DATABASE_URL")
+            && !url.is_empty()
+        {
+            builder = builder.set_override("database.url", url)?;
+        }
+        let settings: Settings = builder
+            .build()
+            .context("reading configuration")?
+            .try_deserialize()
+            .context("invalid configuration")?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let s = &self.server;
+        if s.max_records_per_request == 0 {
+            bail!("server.max_records_per_request must be at least 1");
+        }
+        if s.max_body_bytes < 2 {
+            bail!("server.max_body_bytes must be at least 2");
+        }
+        if !(2..=120).contains(&s.max_json_depth) {
+            bail!("server.max_json_depth must be between 2 and 120");
+        }
+        if self.database.pool_size == 0 {
+            bail!("database.pool_size must be at least 1");
+        }
+        if self.database.url.trim().is_empty() {
+            bail!("database.url must not be empty");
+        }
+        if self.loader.chunk_size == 0 {
+            bail!("loader.chunk_size must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_defaults_parse_and_match_the_documented_values() {
+        let settings: Settings = Config::builder()
+            .add_source(File::from_str(BUILT_IN_DEFAULTS, FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .expect("defaults parse");
+        settings.validate().expect("defaults are valid");
+        assert_eq!(settings.server.bind, "127.0.0.1:8080");
+        assert_eq!(settings.server.max_records_per_request, 10_000);
+        assert_eq!(settings.server.max_body_bytes, 10 * 1024 * 1024);
+        assert_eq!(settings.auth.cache_ttl_secs, 5);
+        assert_eq!(settings.loader.embedded, EmbeddedLoader::Auto);
+    }
+}
