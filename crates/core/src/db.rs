@@ -182,16 +182,15 @@ impl DbPool {
     pub fn is_sqlite(&self) -> bool {
         matches!(self, DbPool::Sqlite(_))
     }
+}
 
-    /// Pings the database: what `GET /ready` reports.
-    pub fn check(&self) -> anyhow::Result<()> {
-        let mut conn = self.get()?;
-        match &mut conn {
-            DbConn::Pg(c) => diesel::sql_query("SELECT 1").execute(&mut **c)?,
-            DbConn::Sqlite(c) => diesel::sql_query("SELECT 1").execute(&mut **c)?,
-        };
-        Ok(())
-    }
+/// A round trip to the database: what `GET /ready` reports.
+pub fn ping(conn: &mut DbConn) -> diesel::QueryResult<()> {
+    match conn {
+        DbConn::Pg(c) => diesel::sql_query("SELECT 1").execute(&mut **c)?,
+        DbConn::Sqlite(c) => diesel::sql_query("SELECT 1").execute(&mut **c)?,
+    };
+    Ok(())
 }
 
 /// Applies pending migrations. On PostgreSQL an advisory lock makes concurrent starts wait

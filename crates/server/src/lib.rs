@@ -1,1 +1,134 @@
+//! `intake-server`: the HTTP ingest server (RJMetrics Data Import API v2 compatible).
 
+pub mod access_log;
+pub mod app;
+pub mod auth;
+pub mod db_gate;
+pub mod errors;
+pub mod health;
+pub mod ingest;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{App, HttpServer, middleware, web};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use intake_core::db::{self, DatabaseTarget, DbPool};
+use intake_core::settings::Settings;
+
+use crate::app::AppState;
+use crate::auth::KeyVerifier;
+use crate::db_gate::DbGate;
+
+#[derive(Parser)]
+#[command(name = "intake-server", version, about = "Intake's HTTP ingest server")]
+struct Cli {
+    /// Configuration file (TOML), layered over config/default.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API (the default).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+}
+
+/// Entry point of the `intake-server` binary.
+pub fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let outcome = Settings::load(cli.config.as_deref()).and_then(|settings| match cli.command {
+        Some(Command::Migrate) => {
+            let target = DatabaseTarget::parse(&settings.database.url)?;
+            db::run_migrations(&target, &settings.database)?;
+            log::info!("migrations applied to {}", target.redacted());
+            Ok(())
+        }
+        None | Some(Command::Serve) => serve(settings),
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e:#}");
+            eprintln!("intake-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr at `info` unless `RUST_LOG` says otherwise.
+pub fn init_logging() {
+    let _ = env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or("info,actix_server=warn"),
+    )
+    .try_init();
+}
+
+fn serve(settings: Settings) -> anyhow::Result<()> {
+    let target = DatabaseTarget::parse(&settings.database.url)?;
+    if settings.database.migrate_on_start {
+        db::run_migrations(&target, &settings.database)?;
+    }
+    let pool = DbPool::new(&target, &settings.database)?;
+    let gate = DbGate::new(
+        pool,
+        settings.database.pool_size as usize,
+        Duration::from_millis(settings.database.checkout_timeout_ms),
+    );
+    let keys = Arc::new(KeyVerifier::new(
+        gate.clone(),
+        Duration::from_secs(settings.auth.cache_ttl_secs),
+    ));
+    let state = web::Data::new(AppState {
+        settings: settings.clone(),
+        gate,
+        keys: keys.clone(),
+    });
+
+    let workers = match settings.server.workers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+    let system = actix_web::rt::System::new();
+    system.block_on(async move {
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .wrap(middleware::from_fn(access_log::access_log))
+                .configure(app::configure)
+                .default_service(web::to(app::not_found))
+        })
+        .workers(workers)
+        .worker_max_blocking_threads((settings.database.pool_size as usize * 2).max(8))
+        .client_request_timeout(Duration::from_secs(
+            settings.server.client_request_timeout_secs,
+        ))
+        .shutdown_timeout(settings.server.shutdown_timeout_secs)
+        .bind(&settings.server.bind)
+        .with_context(|| format!("binding {}", settings.server.bind))?;
+        for addr in server.addrs() {
+            log::info!(
+                "intake-server listening on http://{addr} ({})",
+                target.redacted()
+            );
+        }
+        let running = server.run();
+        let flush_every = Duration::from_secs(settings.auth.last_used_flush_secs.max(1));
+        actix_web::rt::spawn(async move {
+            let mut tick = tokio::time::interval(flush_every);
+            loop {
+                tick.tick().await;
+                keys.flush_last_used().await;
+            }
+        });
+        running.await.context("server failed")
+    })
+}

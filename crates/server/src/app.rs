@@ -1,0 +1,71 @@
+//! Routes and shared state of the HTTP API.
+
+use std::sync::Arc;
+
+use actix_web::{HttpResponse, web};
+use intake_core::push_body::BodyLimits;
+use intake_core::settings::Settings;
+
+use crate::auth::KeyVerifier;
+use crate::db_gate::DbGate;
+use crate::errors::ApiError;
+use crate::{health, ingest};
+
+/// What every handler can reach.
+pub struct AppState {
+    pub settings: Settings,
+    pub gate: DbGate,
+    pub keys: Arc<KeyVerifier>,
+}
+
+impl AppState {
+    pub fn body_limits(&self) -> BodyLimits {
+        BodyLimits {
+            max_records: self.settings.server.max_records_per_request,
+            max_depth: self.settings.server.max_json_depth,
+        }
+    }
+
+    pub fn unavailable(&self) -> ApiError {
+        ApiError::unavailable(self.settings.server.retry_after_secs)
+    }
+}
+
+/// Registers every route. Known paths answer 405 (in the JSON error shape) to other methods;
+/// unknown paths answer 404.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    let wrong_method =
+        || web::to(|| async { Err::<HttpResponse, _>(ApiError::method_not_allowed()) });
+    cfg.service(
+        web::resource("/")
+            .route(web::get().to(health::status))
+            .default_service(wrong_method()),
+    )
+    .service(
+        web::resource("/health")
+            .route(web::get().to(health::alive))
+            .default_service(wrong_method()),
+    )
+    .service(
+        web::resource("/ready")
+            .route(web::get().to(health::ready))
+            .default_service(wrong_method()),
+    );
+    for (prefix, sandbox) in [("/v2", false), ("/sandbox/v2", true)] {
+        cfg.service(
+            web::resource(format!("{prefix}/client/{{cid}}/authenticate"))
+                .route(web::get().to(ingest::authenticate))
+                .default_service(wrong_method()),
+        )
+        .service(
+            web::resource(format!("{prefix}/client/{{cid}}/table/{{table}}/data"))
+                .app_data(web::Data::new(ingest::Sandbox(sandbox)))
+                .route(web::post().to(ingest::push))
+                .default_service(wrong_method()),
+        );
+    }
+}
+
+pub async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::not_found())
+}

@@ -1,0 +1,109 @@
+//! The one error type of the HTTP API. Every error answer has the same JSON shape:
+//! `{"code": <status>, "message": "...", "reasons": ["..."]}`.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub reasons: Vec<String>,
+    /// Seconds for a `Retry-After` header (503 and 429 answers).
+    pub retry_after: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: u16,
+    message: &'a str,
+    reasons: &'a [String],
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            reasons: Vec::new(),
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>, reasons: Vec<String>) -> ApiError {
+        ApiError {
+            reasons,
+            ..ApiError::new(StatusCode::BAD_REQUEST, message)
+        }
+    }
+
+    /// The single answer for every unusable key (missing, malformed, unknown, wrong secret,
+    /// revoked), so that an attacker learns nothing about which it was.
+    pub fn unauthorized() -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or invalid API key: pass a valid key as ?apikey=, \
+             'Authorization: Bearer <key>' or 'X-Api-Key: <key>'",
+        )
+    }
+
+    pub fn forbidden(client: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("this API key is not valid for client {client}"),
+        )
+    }
+
+    pub fn not_found() -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see docs/api.md")
+    }
+
+    pub fn method_not_allowed() -> ApiError {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed on this endpoint",
+        )
+    }
+
+    pub fn too_large(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message)
+    }
+
+    pub fn unavailable(retry_after: u64) -> ApiError {
+        ApiError {
+            retry_after: Some(retry_after),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the database cannot take the write right now; nothing was stored, retry later",
+            )
+        }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status.as_u16(), self.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let body = ErrorBody {
+            code: self.status.as_u16(),
+            message: &self.message,
+            reasons: &self.reasons,
+        };
+        let mut response = HttpResponse::build(self.status);
+        response.insert_header((CONTENT_TYPE, "application/json"));
+        if let Some(secs) = self.retry_after {
+            response.insert_header((RETRY_AFTER, secs.to_string()));
+        }
+        response.body(serde_json::to_string(&body).unwrap_or_else(|_| "{}".into()))
+    }
+}

@@ -1,0 +1,29 @@
+//! Status endpoints: `/` (what RJMetrics clients poll), `/health` (process alive) and
+//! `/ready` (database reachable).
+
+use actix_web::{HttpResponse, web};
+use serde_json::json;
+
+use crate::app::AppState;
+use crate::errors::ApiError;
+
+pub async fn status() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+pub async fn alive() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    match state.gate.run(intake_core::db::ping).await {
+        Ok(()) => Ok(HttpResponse::Ok().json(json!({"status": "ready"}))),
+        Err(e) => {
+            log::warn!("readiness check failed: {e}");
+            Err(ApiError {
+                message: "not ready: the database is unreachable".into(),
+                ..state.unavailable()
+            })
+        }
+    }
+}
