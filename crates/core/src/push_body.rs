@@ -42,10 +42,7 @@ impl BodyRejection {
 }
 
 /// Parses `body` and validates every record, returning each record's exact JSON text in order.
-pub fn parse_push_body<'a>(
-    body: &'a [u8],
-    limits: BodyLimits,
-) -> Result<Vec<&'a str>, BodyRejection> {
+pub fn parse_push_body(body: &[u8], limits: BodyLimits) -> Result<Vec<&str>, BodyRejection> {
     check_depth(body, limits.max_depth)?;
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     let records: Vec<&RawValue> = match first {
@@ -323,13 +320,13 @@ mod tests {
 
     #[test]
     fn reasons_are_capped() {
-        let body = format!("[{}]", vec!["{}"; 3].join(","));
+        let body = format!("[{}]", ["{}"; 3].join(","));
         let limits = BodyLimits {
             max_records: 500,
             max_depth: 8,
         };
         assert_eq!(reasons(&body).len(), 4);
-        let many = format!("[{}]", vec!["{}"; 250].join(","));
+        let many = format!("[{}]", ["{}"; 250].join(","));
         match parse_push_body(many.as_bytes(), limits) {
             Err(BodyRejection::Invalid { reasons, .. }) => {
                 assert_eq!(reasons.len(), MAX_REASONS + 1);

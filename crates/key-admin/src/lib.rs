@@ -119,8 +119,8 @@ fn list(conn: &mut DbConn, client_id: Option<i64>, as_json: bool) -> anyhow::Res
         return Ok(());
     }
     println!(
-        "{:<14} {:>10}  {:<20} {:<20} {:<20} {}",
-        "KEY ID", "CLIENT", "CREATED", "LAST USED", "REVOKED", "LABEL"
+        "{:<14} {:>10}  {:<20} {:<20} {:<20} LABEL",
+        "KEY ID", "CLIENT", "CREATED", "LAST USED", "REVOKED"
     );
     for KeyInfo {
         key_id,

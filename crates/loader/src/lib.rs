@@ -1,9 +1,22 @@
-//! `intake-loader`: moves staged records into warehouse tables.
+//! `intake-loader`: moves staged records into typed, upserted warehouse tables.
+//!
+//! A pass ([`pass::run_pass`]) takes each (client, table) with staged records and loads it
+//! chunk by chunk: flatten ([`flatten`]), type ([`value_types`]), name ([`identifiers`]),
+//! evolve the schema ([`catalog`]), write in bulk ([`bulk`]) and remove the chunk from staging
+//! in the same transaction ([`load_chunk`]).
 
-use std::process::ExitCode;
+pub mod bulk;
+pub mod catalog;
+pub mod cli;
+pub mod dialect;
+pub mod embedded;
+pub mod flatten;
+pub mod identifiers;
+pub mod load_chunk;
+pub mod pass;
+pub mod queue;
+pub mod sql;
+pub mod status;
+pub mod value_types;
 
-/// Entry point of the `intake-loader` binary.
-pub fn main() -> ExitCode {
-    eprintln!("intake-loader: not built yet");
-    ExitCode::FAILURE
-}
+pub use cli::main;

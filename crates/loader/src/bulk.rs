@@ -1,0 +1,159 @@
+//! Set-based writes: many rows in one statement, never a statement per record.
+//!
+//! PostgreSQL gets one array parameter per column and `unnest`s them (so the parameter count
+//! does not grow with the rows); SQLite gets multi-row `VALUES` lists sized to stay under its
+//! bind-variable limit.
+
+use chrono::{DateTime, Utc};
+use diesel::QueryResult;
+
+use crate::dialect::Dialect;
+use crate::identifiers::quote;
+use crate::sql::{Conn, I64Row, Param};
+use crate::value_types::ColType;
+
+/// A value to write into a warehouse column.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Val {
+    Null,
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Text(String),
+    Time(DateTime<Utc>),
+    /// JSON text, for the overflow column.
+    Json(String),
+}
+
+/// Bound variables per SQLite statement (its limit is 32,766).
+const SQLITE_MAX_VARIABLES: usize = 32_000;
+
+/// Inserts `rows` (each holding one value per column, in `columns` order) into `table_ref`.
+/// `tail` follows the row source (an `ON CONFLICT` clause and/or `RETURNING _intake_seq`);
+/// with `returning`, the returned sequence numbers are collected.
+pub fn insert_rows(
+    conn: &mut Conn<'_>,
+    table_ref: &str,
+    columns: &[(String, ColType)],
+    rows: Vec<Vec<Val>>,
+    tail: &str,
+    returning: bool,
+) -> QueryResult<Vec<i64>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = columns.iter().map(|(n, _)| quote(n)).collect();
+    match conn.dialect() {
+        Dialect::Postgres => {
+            let mut params = Vec::with_capacity(columns.len());
+            let mut sources = Vec::with_capacity(columns.len());
+            let mut selects = Vec::with_capacity(columns.len());
+            for (i, (_, t)) in columns.iter().enumerate() {
+                params.push(column_array(&rows, i, *t));
+                let array_type = match t {
+                    ColType::Json => "text".to_owned(),
+                    other => Dialect::Postgres.sql_type(*other).to_owned(),
+                };
+                sources.push(format!("${}::{array_type}[]", i + 1));
+                selects.push(match t {
+                    ColType::Json => format!("u.c{i}::jsonb"),
+                    _ => format!("u.c{i}"),
+                });
+            }
+            let aliases: Vec<String> = (0..columns.len()).map(|i| format!("c{i}")).collect();
+            let sql = format!(
+                "INSERT INTO {table_ref} AS t ({}) SELECT {} FROM unnest({}) AS u({}) {tail}",
+                names.join(", "),
+                selects.join(", "),
+                sources.join(", "),
+                aliases.join(", ")
+            );
+            run(conn, &sql, &params, returning)
+        }
+        Dialect::Sqlite => {
+            let per_statement = (SQLITE_MAX_VARIABLES / columns.len().max(1)).max(1);
+            let one_row = format!("({})", vec!["?"; columns.len()].join(", "));
+            let mut returned = Vec::new();
+            let mut rows = rows.into_iter().peekable();
+            while rows.peek().is_some() {
+                let chunk: Vec<Vec<Val>> = rows.by_ref().take(per_statement).collect();
+                let mut params = Vec::with_capacity(chunk.len() * columns.len());
+                for row in chunk.iter() {
+                    params.extend(row.iter().map(scalar_param));
+                }
+                let sql = format!(
+                    "INSERT INTO {table_ref} AS t ({}) VALUES {} {tail}",
+                    names.join(", "),
+                    vec![one_row.as_str(); chunk.len()].join(", ")
+                );
+                returned.extend(run(conn, &sql, &params, returning)?);
+            }
+            Ok(returned)
+        }
+    }
+}
+
+fn run(conn: &mut Conn<'_>, sql: &str, params: &[Param], returning: bool) -> QueryResult<Vec<i64>> {
+    if returning {
+        Ok(conn
+            .load::<I64Row>(sql, params)?
+            .into_iter()
+            .map(|r| r.v)
+            .collect())
+    } else {
+        conn.execute(sql, params).map(|_| Vec::new())
+    }
+}
+
+fn scalar_param(v: &Val) -> Param {
+    match v {
+        Val::Null => Param::Text(None),
+        Val::Int(i) => Param::Int(Some(*i)),
+        Val::Float(f) => Param::Float(Some(*f)),
+        Val::Bool(b) => Param::Bool(Some(*b)),
+        Val::Text(s) | Val::Json(s) => Param::Text(Some(s.clone())),
+        Val::Time(t) => Param::Time(Some(*t)),
+    }
+}
+
+/// Column `i` of all rows as one typed array. A value of the wrong type for the column is a
+/// bug upstream; it becomes NULL rather than a panic, and the catalog tests guard against it.
+fn column_array(rows: &[Vec<Val>], i: usize, t: ColType) -> Param {
+    let values = rows.iter().map(|r| r.get(i).unwrap_or(&Val::Null));
+    match t {
+        ColType::BigInt => Param::IntArray(
+            values
+                .map(|v| if let Val::Int(x) = v { Some(*x) } else { None })
+                .collect(),
+        ),
+        ColType::Double => Param::FloatArray(
+            values
+                .map(|v| {
+                    if let Val::Float(x) = v {
+                        Some(*x)
+                    } else {
+                        None
+                    }
+                })
+                .collect(),
+        ),
+        ColType::Boolean => Param::BoolArray(
+            values
+                .map(|v| if let Val::Bool(x) = v { Some(*x) } else { None })
+                .collect(),
+        ),
+        ColType::Timestamp => Param::TimeArray(
+            values
+                .map(|v| if let Val::Time(x) = v { Some(*x) } else { None })
+                .collect(),
+        ),
+        ColType::Text | ColType::Json => Param::TextArray(
+            values
+                .map(|v| match v {
+                    Val::Text(s) | Val::Json(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect(),
+        ),
+    }
+}

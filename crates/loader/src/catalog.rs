@@ -1,0 +1,587 @@
+//! A client's warehouse catalog: which tables exist, their key columns, and which column holds
+//! each (field path, value type). It is read at the start of every chunk (under the table's
+//! load lock, so it is authoritative) and evolved as new fields and types arrive; every new
+//! table and column is recorded in `_intake_tables` / `_intake_columns`.
+
+use std::collections::{HashMap, HashSet};
+
+use diesel::QueryResult;
+use diesel::prelude::*;
+use diesel::sql_types::Text;
+
+use crate::dialect::{Dialect, namespace};
+use crate::identifiers::{self, SYSTEM_PREFIX, quote};
+use crate::sql::{Conn, Param};
+use crate::value_types::{Cell, ColType};
+
+/// Above this many columns, new fields of a table go into its JSON overflow column.
+pub const MAX_COLUMNS: usize = 1500;
+pub const SEQ_COLUMN: &str = "_intake_seq";
+pub const RECEIVED_COLUMN: &str = "_intake_received_at";
+pub const LOADED_COLUMN: &str = "_intake_loaded_at";
+pub const OVERFLOW_COLUMN: &str = "_intake_overflow";
+/// Per-client system tables.
+pub const TABLES_TABLE: &str = "_intake_tables";
+pub const COLUMNS_TABLE: &str = "_intake_columns";
+pub const HISTORY_TABLE: &str = "_intake_load_history";
+pub const REJECTED_TABLE: &str = "_intake_rejected";
+
+/// A warehouse table of one pushed table family (the root or one of its child tables).
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    /// Physical name inside the client's namespace.
+    pub name: String,
+    /// `[pushed table, array field path...]`.
+    pub source: Vec<String>,
+    /// Key columns: the root's declared keys, or for a child table the root keys
+    /// (`_intake_root_<key>`) then the element positions (`_intake_pos_<level>`).
+    pub key_columns: Vec<(String, ColType)>,
+    /// For a root table, the declared key field names in key-column order.
+    pub key_fields: Vec<String>,
+    /// (source path as JSON, type) → column.
+    pub columns: HashMap<(String, ColType), String>,
+    /// Source path as JSON → its first ("home") column and type.
+    pub homes: HashMap<String, (String, ColType)>,
+    /// Every column name in use, system columns included.
+    pub used: HashSet<String>,
+    pub exists: bool,
+}
+
+/// Columns or tables that the current chunk must create before writing.
+#[derive(Debug, Default)]
+pub struct PendingDdl {
+    pub new_tables: Vec<String>,
+    pub new_columns: Vec<NewColumn>,
+}
+
+/// A catalog entry to record, and the column to add if it is a new one.
+#[derive(Debug)]
+pub struct NewColumn {
+    pub table_key: String,
+    pub column: String,
+    pub value_type: ColType,
+    /// Source path as JSON, or [`OVERFLOW_PATH`] for the overflow column itself.
+    pub path: String,
+    /// Whether the column must be added (false for key columns, made with the table, and for
+    /// paths mapped into the existing overflow column).
+    pub add: bool,
+}
+
+/// Catalog path recorded for the overflow column itself.
+pub const OVERFLOW_PATH: &str = "*";
+
+#[derive(QueryableByName)]
+struct TableRow {
+    #[diesel(sql_type = Text)]
+    table_name: String,
+    #[diesel(sql_type = Text)]
+    source: String,
+    #[diesel(sql_type = Text)]
+    key_columns: String,
+}
+
+#[derive(QueryableByName)]
+struct ColumnRow {
+    #[diesel(sql_type = Text)]
+    table_name: String,
+    #[diesel(sql_type = Text)]
+    source_path: String,
+    #[diesel(sql_type = Text)]
+    value_type: String,
+    #[diesel(sql_type = Text)]
+    column_name: String,
+}
+
+/// What a chunk needs to know about one pushed table and its child tables.
+pub struct Catalog {
+    pub client_id: i64,
+    pub dialect: Dialect,
+    /// By source JSON (`["orders"]`, `["orders","items"]`).
+    pub tables: HashMap<String, TableInfo>,
+    /// Every physical table name of the client (all families), to avoid collisions.
+    pub taken_names: HashSet<String>,
+    pub ddl: PendingDdl,
+}
+
+pub fn source_key(source: &[String]) -> String {
+    serde_json::to_string(source).unwrap_or_default()
+}
+
+fn system_columns(key_columns: &[(String, ColType)]) -> HashSet<String> {
+    let mut used: HashSet<String> = [SEQ_COLUMN, RECEIVED_COLUMN, LOADED_COLUMN, OVERFLOW_COLUMN]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    used.extend(key_columns.iter().map(|(n, _)| n.clone()));
+    used
+}
+
+/// Creates the client's namespace and system tables if they do not exist yet.
+pub fn ensure_namespace(conn: &mut Conn<'_>, client_id: i64) -> QueryResult<()> {
+    let d = conn.dialect();
+    let t = |name: &str| d.table_ref(client_id, name);
+    let ts = d.sql_type(ColType::Timestamp);
+    let big = d.sql_type(ColType::BigInt);
+    let id = match d {
+        Dialect::Postgres => "bigserial PRIMARY KEY",
+        Dialect::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
+    };
+    let mut sql = String::new();
+    if d == Dialect::Postgres {
+        sql.push_str(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {};",
+            quote(&namespace(client_id))
+        ));
+    }
+    sql.push_str(&format!(
+        "CREATE TABLE IF NOT EXISTS {tables} (table_name TEXT PRIMARY KEY NOT NULL, source TEXT NOT NULL UNIQUE, \
+           parent TEXT, key_columns TEXT NOT NULL, created_at {ts} NOT NULL);\
+         CREATE TABLE IF NOT EXISTS {columns} (id {id}, table_name TEXT NOT NULL, source_path TEXT NOT NULL, \
+           value_type TEXT NOT NULL, column_name TEXT NOT NULL, created_at {ts} NOT NULL, \
+           UNIQUE (table_name, source_path, value_type));\
+         CREATE TABLE IF NOT EXISTS {history} (id {id}, table_name TEXT NOT NULL, started_at {ts} NOT NULL, \
+           duration_ms {big} NOT NULL, records_loaded {big} NOT NULL, records_rejected {big} NOT NULL, \
+           first_seq {big}, last_seq {big}, error TEXT);\
+         CREATE TABLE IF NOT EXISTS {rejected} (table_name TEXT NOT NULL, seq {big} NOT NULL, \
+           received_at {ts} NOT NULL, rejected_at {ts} NOT NULL, reason TEXT NOT NULL, record TEXT NOT NULL, \
+           PRIMARY KEY (table_name, seq));",
+        tables = t(TABLES_TABLE),
+        columns = t(COLUMNS_TABLE),
+        history = t(HISTORY_TABLE),
+        rejected = t(REJECTED_TABLE),
+    ));
+    conn.batch(&sql)?;
+    let ph = d.placeholder(1);
+    conn.execute(
+        &format!("INSERT INTO warehouse_clients (client_id) VALUES ({ph}) ON CONFLICT (client_id) DO NOTHING"),
+        &[Param::Int(Some(client_id))],
+    )?;
+    Ok(())
+}
+
+impl Catalog {
+    /// Reads the catalog entries of one pushed table's family.
+    pub fn load(conn: &mut Conn<'_>, client_id: i64, table: &str) -> QueryResult<Catalog> {
+        let dialect = conn.dialect();
+        let tables: Vec<TableRow> = conn.load(
+            &format!(
+                "SELECT table_name, source, key_columns FROM {}",
+                dialect.table_ref(client_id, TABLES_TABLE)
+            ),
+            &[],
+        )?;
+        let taken_names = tables.iter().map(|t| t.table_name.clone()).collect();
+        let mut family = HashMap::new();
+        let mut by_name = HashMap::new();
+        for row in tables {
+            let source: Vec<String> = serde_json::from_str(&row.source).unwrap_or_default();
+            if source.first().map(String::as_str) != Some(table) {
+                continue;
+            }
+            let stored: Vec<(String, String)> =
+                serde_json::from_str(&row.key_columns).unwrap_or_default();
+            let key_columns: Vec<(String, ColType)> = stored
+                .into_iter()
+                .filter_map(|(n, t)| ColType::parse(&t).map(|t| (n, t)))
+                .collect();
+            let info = TableInfo {
+                name: row.table_name.clone(),
+                used: system_columns(&key_columns),
+                key_fields: Vec::new(),
+                key_columns,
+                source: source.clone(),
+                columns: HashMap::new(),
+                homes: HashMap::new(),
+                exists: true,
+            };
+            by_name.insert(row.table_name, source_key(&source));
+            family.insert(source_key(&source), info);
+        }
+        if !by_name.is_empty() {
+            let names: Vec<Option<String>> = by_name.keys().cloned().map(Some).collect();
+            let columns: Vec<ColumnRow> = conn.load(
+                &format!(
+                    "SELECT table_name, source_path, value_type, column_name FROM {} \
+                     WHERE table_name IN ({}) ORDER BY id",
+                    dialect.table_ref(client_id, COLUMNS_TABLE),
+                    dialect.list_param(1, ColType::Text)
+                ),
+                &[Param::TextArray(names)],
+            )?;
+            for c in columns {
+                let Some(info) = by_name.get(&c.table_name).and_then(|k| family.get_mut(k)) else {
+                    continue;
+                };
+                let Some(t) = ColType::parse(&c.value_type) else {
+                    continue;
+                };
+                info.used.insert(c.column_name.clone());
+                info.homes
+                    .entry(c.source_path.clone())
+                    .or_insert((c.column_name.clone(), t));
+                info.columns.insert((c.source_path, t), c.column_name);
+            }
+        }
+        // Key field names of the root, recovered from its key columns' home paths.
+        if let Some(root) = family.get_mut(&source_key(&[table.to_owned()])) {
+            let mut fields = Vec::new();
+            for (col, _) in &root.key_columns {
+                let field = root
+                    .homes
+                    .iter()
+                    .find(|(_, (c, _))| c == col)
+                    .and_then(|(path, _)| serde_json::from_str::<Vec<String>>(path).ok())
+                    .and_then(|p| p.into_iter().next());
+                fields.push(field.unwrap_or_default());
+            }
+            root.key_fields = fields;
+        }
+        Ok(Catalog {
+            client_id,
+            dialect,
+            tables: family,
+            taken_names,
+            ddl: PendingDdl::default(),
+        })
+    }
+
+    /// Physical name for a new table of `source`, unique among the client's tables.
+    fn allocate_table_name(&mut self, source: &[String]) -> String {
+        let preferred = identifiers::preferred_name(source);
+        let name = if self.taken_names.contains(&preferred) || preferred.starts_with(SYSTEM_PREFIX)
+        {
+            identifiers::disambiguated_name(source)
+        } else {
+            preferred
+        };
+        self.taken_names.insert(name.clone());
+        name
+    }
+
+    /// Creates (in the catalog; DDL follows) the root table with the given key fields.
+    pub fn create_root(
+        &mut self,
+        table: &str,
+        key_fields: &[String],
+        key_types: &[ColType],
+    ) -> String {
+        let source = vec![table.to_owned()];
+        let name = self.allocate_table_name(&source);
+        let mut info = TableInfo {
+            name: name.clone(),
+            source: source.clone(),
+            key_columns: Vec::new(),
+            key_fields: key_fields.to_vec(),
+            columns: HashMap::new(),
+            homes: HashMap::new(),
+            used: system_columns(&[]),
+            exists: false,
+        };
+        let mut key_columns = Vec::new();
+        for (field, t) in key_fields.iter().zip(key_types) {
+            let col = assign_home_keyed(
+                &mut info,
+                std::slice::from_ref(field),
+                *t,
+                &mut self.ddl,
+                &source_key(&source),
+            );
+            key_columns.push((col, *t));
+        }
+        info.key_columns = key_columns;
+        self.ddl.new_tables.push(source_key(&source));
+        self.tables.insert(source_key(&source), info);
+        name
+    }
+
+    /// The child table for an array path, created in the catalog if new.
+    pub fn child_table(
+        &mut self,
+        root_table: &str,
+        array_path: &[String],
+        levels: usize,
+    ) -> QueryResult<&mut TableInfo> {
+        let mut source = vec![root_table.to_owned()];
+        source.extend(array_path.iter().cloned());
+        let key = source_key(&source);
+        if !self.tables.contains_key(&key) {
+            let root = self
+                .tables
+                .get(&source_key(&[root_table.to_owned()]))
+                .ok_or(diesel::result::Error::NotFound)?;
+            let mut key_columns: Vec<(String, ColType)> = root
+                .key_columns
+                .iter()
+                .map(|(col, t)| (fit_system_name(&format!("_intake_root_{col}"), col), *t))
+                .collect();
+            for level in 0..levels {
+                key_columns.push((format!("_intake_pos_{level}"), ColType::BigInt));
+            }
+            let name = self.allocate_table_name(&source);
+            let info = TableInfo {
+                name,
+                source: source.clone(),
+                used: system_columns(&key_columns),
+                key_columns,
+                key_fields: Vec::new(),
+                columns: HashMap::new(),
+                homes: HashMap::new(),
+                exists: false,
+            };
+            self.ddl.new_tables.push(key.clone());
+            self.tables.insert(key.clone(), info);
+        }
+        self.tables
+            .get_mut(&key)
+            .ok_or(diesel::result::Error::NotFound)
+    }
+
+    /// Writes pending DDL and catalog rows.
+    pub fn apply_ddl(&mut self, conn: &mut Conn<'_>) -> QueryResult<()> {
+        let d = self.dialect;
+        let client = self.client_id;
+        let new_tables = std::mem::take(&mut self.ddl.new_tables);
+        for key in &new_tables {
+            let Some(info) = self.tables.get_mut(key) else {
+                continue;
+            };
+            let mut cols: Vec<String> = info
+                .key_columns
+                .iter()
+                .map(|(n, t)| format!("{} {} NOT NULL", quote(n), d.sql_type(*t)))
+                .collect();
+            let ts = d.sql_type(ColType::Timestamp);
+            cols.push(format!(
+                "{} {} NOT NULL",
+                quote(SEQ_COLUMN),
+                d.sql_type(ColType::BigInt)
+            ));
+            cols.push(format!("{} {ts} NOT NULL", quote(RECEIVED_COLUMN)));
+            cols.push(format!("{} {ts} NOT NULL", quote(LOADED_COLUMN)));
+            let pk: Vec<String> = info.key_columns.iter().map(|(n, _)| quote(n)).collect();
+            conn.batch(&format!(
+                "CREATE TABLE {} ({}, PRIMARY KEY ({}))",
+                d.table_ref(client, &info.name),
+                cols.join(", "),
+                pk.join(", ")
+            ))?;
+            let parent =
+                (info.source.len() > 1).then(|| info.source[..info.source.len() - 1].to_vec());
+            let key_columns: Vec<(String, &str)> = info
+                .key_columns
+                .iter()
+                .map(|(n, t)| (n.clone(), t.as_str()))
+                .collect();
+            conn.execute(
+                &format!(
+                    "INSERT INTO {} (table_name, source, parent, key_columns, created_at) VALUES ({}, {}, {}, {}, {})",
+                    d.table_ref(client, TABLES_TABLE),
+                    d.placeholder(1),
+                    d.placeholder(2),
+                    d.placeholder(3),
+                    d.placeholder(4),
+                    d.now()
+                ),
+                &[
+                    Param::Text(Some(info.name.clone())),
+                    Param::Text(Some(source_key(&info.source))),
+                    Param::Text(parent.map(|p| source_key(&p))),
+                    Param::Text(Some(serde_json::to_string(&key_columns).unwrap_or_default())),
+                ],
+            )?;
+            info.exists = true;
+        }
+        let new_columns = std::mem::take(&mut self.ddl.new_columns);
+        for NewColumn {
+            table_key,
+            column,
+            value_type: t,
+            path,
+            add,
+        } in new_columns
+        {
+            let Some(info) = self.tables.get(&table_key) else {
+                continue;
+            };
+            let is_key = info.key_columns.iter().any(|(n, _)| *n == column);
+            if add && !is_key {
+                conn.batch(&format!(
+                    "ALTER TABLE {} ADD COLUMN {} {}",
+                    d.table_ref(client, &info.name),
+                    quote(&column),
+                    d.sql_type(t)
+                ))?;
+            }
+            conn.execute(
+                &format!(
+                    "INSERT INTO {} (table_name, source_path, value_type, column_name, created_at) \
+                     VALUES ({}, {}, {}, {}, {}) ON CONFLICT DO NOTHING",
+                    d.table_ref(client, COLUMNS_TABLE),
+                    d.placeholder(1),
+                    d.placeholder(2),
+                    d.placeholder(3),
+                    d.placeholder(4),
+                    d.now()
+                ),
+                &[
+                    Param::Text(Some(info.name.clone())),
+                    Param::Text(Some(path)),
+                    Param::Text(Some(t.as_str().to_owned())),
+                    Param::Text(Some(column)),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// `_intake_root_<key>` kept within the identifier limit.
+fn fit_system_name(name: &str, original: &str) -> String {
+    if name.len() <= identifiers::MAX_IDENTIFIER_BYTES {
+        name.to_owned()
+    } else {
+        identifiers::disambiguated_name(&[name.to_owned(), original.to_owned()])
+    }
+}
+
+/// Where a cell goes: a column (with the cell as stored there), or the overflow column.
+pub enum Placement {
+    Column(String, Cell),
+    Overflow,
+}
+
+/// Finds or allocates the column for a cell at `path` in table `table_key`.
+pub fn place_cell(
+    catalog: &mut Catalog,
+    table_key: &str,
+    path: &[String],
+    cell: &Cell,
+) -> Placement {
+    let Catalog { tables, ddl, .. } = catalog;
+    let Some(info) = tables.get_mut(table_key) else {
+        return Placement::Overflow;
+    };
+    let path_key = source_key(path);
+    let t = cell.col_type();
+    if let Some(col) = info.columns.get(&(path_key.clone(), t)) {
+        return if col == OVERFLOW_COLUMN {
+            Placement::Overflow
+        } else {
+            Placement::Column(col.clone(), cell.clone())
+        };
+    }
+    if let Some((home, home_type)) = info.homes.get(&path_key).cloned()
+        && home != OVERFLOW_COLUMN
+        && let Some(coerced) = cell.coerce_to(home_type)
+    {
+        return Placement::Column(home, coerced);
+    }
+    if info.used.len() >= MAX_COLUMNS {
+        let overflow_key = (OVERFLOW_PATH.to_owned(), ColType::Json);
+        if let std::collections::hash_map::Entry::Vacant(slot) = info.columns.entry(overflow_key) {
+            slot.insert(OVERFLOW_COLUMN.to_owned());
+            ddl.new_columns.push(NewColumn {
+                table_key: table_key.to_owned(),
+                column: OVERFLOW_COLUMN.to_owned(),
+                value_type: ColType::Json,
+                path: OVERFLOW_PATH.to_owned(),
+                add: true,
+            });
+        }
+        info.columns
+            .insert((path_key.clone(), t), OVERFLOW_COLUMN.to_owned());
+        info.homes
+            .entry(path_key.clone())
+            .or_insert((OVERFLOW_COLUMN.to_owned(), t));
+        ddl.new_columns.push(NewColumn {
+            table_key: table_key.to_owned(),
+            column: OVERFLOW_COLUMN.to_owned(),
+            value_type: t,
+            path: path_key,
+            add: false,
+        });
+        return Placement::Overflow;
+    }
+    let has_home = info.homes.contains_key(&path_key);
+    let column = if has_home {
+        assign_sibling(info, path, t, ddl, table_key)
+    } else {
+        assign_home_keyed(info, path, t, ddl, table_key)
+    };
+    Placement::Column(column, cell.clone())
+}
+
+fn assign_home_keyed(
+    info: &mut TableInfo,
+    path: &[String],
+    t: ColType,
+    ddl: &mut PendingDdl,
+    table_key: &str,
+) -> String {
+    let preferred = if path.is_empty() {
+        crate::flatten::ELEMENT_SEGMENT.to_owned()
+    } else {
+        identifiers::preferred_name(path)
+    };
+    let name = if info.used.contains(&preferred) || preferred.starts_with(SYSTEM_PREFIX) {
+        identifiers::disambiguated_name(&with_marker(path))
+    } else {
+        preferred
+    };
+    register(info, path, t, name, ddl, table_key, true)
+}
+
+fn assign_sibling(
+    info: &mut TableInfo,
+    path: &[String],
+    t: ColType,
+    ddl: &mut PendingDdl,
+    table_key: &str,
+) -> String {
+    let home = info
+        .homes
+        .get(&source_key(path))
+        .map(|(h, _)| h.clone())
+        .unwrap_or_default();
+    let mut name = identifiers::with_suffix(&home, t.sibling_suffix(), path);
+    if info.used.contains(&name) {
+        let mut marked = with_marker(path);
+        marked.push(t.as_str().to_owned());
+        name = identifiers::disambiguated_name(&marked);
+    }
+    register(info, path, t, name, ddl, table_key, false)
+}
+
+/// Paths of scalar array elements are empty; give hashing something to work with.
+fn with_marker(path: &[String]) -> Vec<String> {
+    if path.is_empty() {
+        vec![crate::flatten::ELEMENT_SEGMENT.to_owned(), String::new()]
+    } else {
+        path.to_vec()
+    }
+}
+
+fn register(
+    info: &mut TableInfo,
+    path: &[String],
+    t: ColType,
+    name: String,
+    ddl: &mut PendingDdl,
+    table_key: &str,
+    home: bool,
+) -> String {
+    let path_key = source_key(path);
+    info.used.insert(name.clone());
+    info.columns.insert((path_key.clone(), t), name.clone());
+    if home {
+        info.homes.insert(path_key.clone(), (name.clone(), t));
+    }
+    ddl.new_columns.push(NewColumn {
+        table_key: table_key.to_owned(),
+        column: name.clone(),
+        value_type: t,
+        path: path_key,
+        add: true,
+    });
+    name
+}

@@ -1,0 +1,516 @@
+//! Loading one chunk of a table's staged records inside one transaction: flatten, check keys,
+//! keep the newest record per key, evolve the schema, upsert the root rows (an older record
+//! never overwrites a newer one), replace the winners' child rows, record rejections, remove
+//! the chunk from staging and note the load in the history.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use diesel::QueryResult;
+
+use crate::bulk::{Val, insert_rows};
+use crate::catalog::{
+    self, Catalog, HISTORY_TABLE, LOADED_COLUMN, OVERFLOW_COLUMN, Placement, RECEIVED_COLUMN,
+    REJECTED_TABLE, SEQ_COLUMN, TableInfo, place_cell, source_key,
+};
+use crate::dialect::Dialect;
+use crate::flatten::{FlatRecord, flatten_record};
+use crate::identifiers::quote;
+use crate::queue::{self, Staged};
+use crate::sql::{Conn, Param};
+use crate::value_types::{Cell, ColType};
+
+/// What one chunk did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkOutcome {
+    /// Records applied (including ones superseded by a newer record in the same chunk).
+    pub loaded: usize,
+    pub rejected: usize,
+}
+
+/// A record that passed the checks, with its key.
+struct Accepted<'a> {
+    staged: &'a Staged,
+    flat: FlatRecord,
+    key_values: Vec<Val>,
+}
+
+/// One row being assembled: key values, data values by column index, overflow fields, and
+/// the sequence and received-at time of the record it came from.
+struct PendingRow {
+    keys: Vec<Val>,
+    values: HashMap<usize, Val>,
+    overflow: serde_json::Map<String, serde_json::Value>,
+    seq: i64,
+    received: Val,
+}
+
+/// Rows being assembled for one table.
+#[derive(Default)]
+struct TableRows {
+    columns: Vec<String>,
+    index: HashMap<String, usize>,
+    rows: Vec<PendingRow>,
+}
+
+impl TableRows {
+    fn column(&mut self, name: &str) -> usize {
+        if let Some(i) = self.index.get(name) {
+            return *i;
+        }
+        self.columns.push(name.to_owned());
+        self.index.insert(name.to_owned(), self.columns.len() - 1);
+        self.columns.len() - 1
+    }
+}
+
+/// Loads `chunk` (in sequence order) for one table. Runs in the caller's transaction.
+pub fn load_chunk(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    chunk: &[Staged],
+) -> QueryResult<ChunkOutcome> {
+    let started = Instant::now();
+    let started_at = intake_core::timestamps::now();
+    let dialect = conn.dialect();
+    let mut catalog = Catalog::load(conn, client_id, table)?;
+    let root_key = source_key(&[table.to_owned()]);
+    let mut rejected: Vec<(&Staged, String)> = Vec::new();
+    let mut accepted: Vec<Accepted<'_>> = Vec::new();
+    for staged in chunk {
+        let flat = match flatten_record(&staged.record) {
+            Ok(flat) => flat,
+            Err(why) => {
+                rejected.push((staged, why));
+                continue;
+            }
+        };
+        if dialect == Dialect::Postgres && flat.has_nul {
+            rejected.push((
+                staged,
+                "holds a NUL character (\\u0000), which PostgreSQL text cannot store".into(),
+            ));
+            continue;
+        }
+        if !catalog.tables.contains_key(&root_key) {
+            match key_types(&flat) {
+                Ok(types) => {
+                    catalog.create_root(table, &flat.keys, &types);
+                }
+                Err(why) => {
+                    rejected.push((staged, why));
+                    continue;
+                }
+            }
+        }
+        let Some(root) = catalog.tables.get(&root_key) else {
+            continue;
+        };
+        match key_values(&flat, root) {
+            Ok(key_values) => accepted.push(Accepted {
+                staged,
+                flat,
+                key_values,
+            }),
+            Err(why) => rejected.push((staged, why)),
+        }
+    }
+
+    // Newest record per key wins within the chunk (the chunk is in sequence order).
+    let mut newest: HashMap<String, usize> = HashMap::new();
+    for (i, a) in accepted.iter().enumerate() {
+        newest.insert(format!("{:?}", a.key_values), i);
+    }
+    let mut candidates: Vec<usize> = newest.into_values().collect();
+    candidates.sort_unstable();
+
+    let pre_existing: HashSet<String> = catalog
+        .tables
+        .iter()
+        .filter(|(_, t)| t.exists)
+        .map(|(k, _)| k.clone())
+        .collect();
+    let mut per_table: HashMap<String, TableRows> = HashMap::new();
+    for &i in &candidates {
+        let a = &accepted[i];
+        let seq = a.staged.seq;
+        let received = Val::Time(a.staged.received_at);
+        let key_fields = catalog
+            .tables
+            .get(&root_key)
+            .map(|r| r.key_fields.clone())
+            .unwrap_or_default();
+        let mut values = HashMap::new();
+        let mut overflow = serde_json::Map::new();
+        let rows = per_table.entry(root_key.clone()).or_default();
+        for (path, cell) in &a.flat.root.cells {
+            if path.len() == 1 && key_fields.contains(&path[0]) {
+                continue;
+            }
+            match place_cell(&mut catalog, &root_key, path, cell) {
+                Placement::Column(name, stored) => {
+                    values.insert(rows.column(&name), to_val(stored));
+                }
+                Placement::Overflow => {
+                    overflow.insert(path.join("."), cell.to_json());
+                }
+            }
+        }
+        rows.rows.push(PendingRow {
+            keys: a.key_values.clone(),
+            values,
+            overflow,
+            seq,
+            received: received.clone(),
+        });
+        for child in &a.flat.children {
+            let info = catalog.child_table(table, &child.array_path, child.positions.len())?;
+            let child_key = source_key(&info.source);
+            let mut keys = a.key_values.clone();
+            keys.extend(child.positions.iter().map(|p| Val::Int(*p)));
+            let mut values = HashMap::new();
+            let mut overflow = serde_json::Map::new();
+            let rows = per_table.entry(child_key.clone()).or_default();
+            for (path, cell) in &child.row.cells {
+                match place_cell(&mut catalog, &child_key, path, cell) {
+                    Placement::Column(name, stored) => {
+                        values.insert(rows.column(&name), to_val(stored));
+                    }
+                    Placement::Overflow => {
+                        overflow.insert(path.join("."), cell.to_json());
+                    }
+                }
+            }
+            rows.rows.push(PendingRow {
+                keys,
+                values,
+                overflow,
+                seq,
+                received: received.clone(),
+            });
+        }
+    }
+    catalog.apply_ddl(conn)?;
+
+    let loaded_at = Val::Time(intake_core::timestamps::now());
+    let mut winners: Vec<i64> = Vec::new();
+    if let (Some(root), Some(rows)) = (catalog.tables.get(&root_key), per_table.remove(&root_key)) {
+        winners = write_table(conn, &catalog, root, rows, &loaded_at, true)?;
+    }
+    // A replaced record's old child rows go, in every child table of the family, before the
+    // new version's rows are written.
+    if let Some(root) = catalog.tables.get(&root_key)
+        && !winners.is_empty()
+    {
+        for (key, info) in &catalog.tables {
+            if *key != root_key && pre_existing.contains(key) {
+                delete_children(conn, &catalog, root, info, &winners)?;
+            }
+        }
+    }
+    let winner_set: HashSet<i64> = winners.iter().copied().collect();
+    for (table_key, mut rows) in per_table {
+        let Some(info) = catalog.tables.get(&table_key) else {
+            continue;
+        };
+        rows.rows.retain(|r| winner_set.contains(&r.seq));
+        write_table(conn, &catalog, info, rows, &loaded_at, false)?;
+    }
+
+    record_rejections(conn, client_id, table, &rejected)?;
+    if let (Some(first), Some(last)) = (chunk.first(), chunk.last()) {
+        queue::delete_range(conn, client_id, table, first.seq, last.seq)?;
+        record_history(
+            conn,
+            client_id,
+            table,
+            started_at,
+            started.elapsed().as_millis() as i64,
+            accepted.len(),
+            rejected.len(),
+            (first.seq, last.seq),
+            None,
+        )?;
+    }
+    Ok(ChunkOutcome {
+        loaded: accepted.len(),
+        rejected: rejected.len(),
+    })
+}
+
+/// Key column types for a new table, from the first record that declares its keys.
+fn key_types(flat: &FlatRecord) -> Result<Vec<ColType>, String> {
+    flat.keys
+        .iter()
+        .map(|k| match root_cell(flat, k) {
+            Some(Cell::Int(_)) => Ok(ColType::BigInt),
+            Some(Cell::Text(_) | Cell::Time(..)) => Ok(ColType::Text),
+            Some(Cell::Bool(_)) => Ok(ColType::Boolean),
+            Some(Cell::Float(_)) => Err(format!("key field {k:?} is not an integer")),
+            None => Err(format!("key field {k:?} is missing or null")),
+        })
+        .collect()
+}
+
+fn root_cell<'a>(flat: &'a FlatRecord, field: &str) -> Option<&'a Cell> {
+    flat.root
+        .cells
+        .iter()
+        .find(|(p, _)| p.len() == 1 && p[0] == field)
+        .map(|(_, c)| c)
+}
+
+/// The record's key values in the table's key-column order, or why they do not fit.
+fn key_values(flat: &FlatRecord, root: &TableInfo) -> Result<Vec<Val>, String> {
+    let declared: HashSet<&String> = flat.keys.iter().collect();
+    let expected: HashSet<&String> = root.key_fields.iter().collect();
+    if declared != expected {
+        return Err(format!(
+            "its keys {:?} differ from the table's primary key {:?}",
+            flat.keys, root.key_fields
+        ));
+    }
+    root.key_fields
+        .iter()
+        .zip(&root.key_columns)
+        .map(|(field, (_, t))| {
+            let cell = root_cell(flat, field)
+                .ok_or_else(|| format!("key field {field:?} is missing or null"))?;
+            cell.coerce_to(*t).map(to_val).ok_or_else(|| {
+                format!(
+                    "key field {field:?} is a {} here but the table's key column is {}",
+                    cell.col_type().as_str(),
+                    t.as_str()
+                )
+            })
+        })
+        .collect()
+}
+
+fn to_val(cell: Cell) -> Val {
+    match cell {
+        Cell::Int(i) => Val::Int(i),
+        Cell::Float(f) => Val::Float(f),
+        Cell::Bool(b) => Val::Bool(b),
+        Cell::Text(s) => Val::Text(s),
+        Cell::Time(t, _) => Val::Time(t),
+    }
+}
+
+fn column_types(info: &TableInfo) -> HashMap<&str, ColType> {
+    let mut types: HashMap<&str, ColType> = HashMap::new();
+    for ((path, t), name) in &info.columns {
+        if name == OVERFLOW_COLUMN {
+            if path == catalog::OVERFLOW_PATH {
+                types.insert(name, ColType::Json);
+            }
+        } else {
+            types.insert(name, *t);
+        }
+    }
+    types
+}
+
+/// Writes a table's rows; for the root, as an upsert that keeps the newest sequence, returning
+/// the sequences of the rows actually written.
+fn write_table(
+    conn: &mut Conn<'_>,
+    catalog: &Catalog,
+    info: &TableInfo,
+    rows: TableRows,
+    loaded_at: &Val,
+    upsert: bool,
+) -> QueryResult<Vec<i64>> {
+    if rows.rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let types = column_types(info);
+    let has_overflow = rows.rows.iter().any(|r| !r.overflow.is_empty());
+    let mut columns: Vec<(String, ColType)> = info.key_columns.clone();
+    for name in &rows.columns {
+        columns.push((
+            name.clone(),
+            types.get(name.as_str()).copied().unwrap_or(ColType::Text),
+        ));
+    }
+    if has_overflow {
+        columns.push((OVERFLOW_COLUMN.to_owned(), ColType::Json));
+    }
+    columns.push((SEQ_COLUMN.to_owned(), ColType::BigInt));
+    columns.push((RECEIVED_COLUMN.to_owned(), ColType::Timestamp));
+    columns.push((LOADED_COLUMN.to_owned(), ColType::Timestamp));
+    let data_width = rows.columns.len();
+    let values: Vec<Vec<Val>> = rows
+        .rows
+        .into_iter()
+        .map(
+            |PendingRow {
+                 keys,
+                 values: mut cells,
+                 overflow,
+                 seq,
+                 received,
+             }| {
+                let mut row = keys;
+                row.extend((0..data_width).map(|i| cells.remove(&i).unwrap_or(Val::Null)));
+                if has_overflow {
+                    row.push(if overflow.is_empty() {
+                        Val::Null
+                    } else {
+                        Val::Json(serde_json::Value::Object(overflow).to_string())
+                    });
+                }
+                row.push(Val::Int(seq));
+                row.push(received);
+                row.push(loaded_at.clone());
+                row
+            },
+        )
+        .collect();
+    let table_ref = catalog.dialect.table_ref(catalog.client_id, &info.name);
+    if !upsert {
+        return insert_rows(conn, &table_ref, &columns, values, "", false);
+    }
+    let keys: Vec<&str> = info.key_columns.iter().map(|(n, _)| n.as_str()).collect();
+    let written: HashSet<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
+    let mut all_columns: Vec<&str> = types
+        .keys()
+        .copied()
+        .filter(|n| !keys.contains(n))
+        .collect();
+    all_columns.sort_unstable();
+    let mut sets: Vec<String> = all_columns
+        .iter()
+        .map(|n| {
+            if written.contains(n) {
+                format!("{} = excluded.{}", quote(n), quote(n))
+            } else {
+                format!("{} = NULL", quote(n))
+            }
+        })
+        .collect();
+    for system in [SEQ_COLUMN, RECEIVED_COLUMN, LOADED_COLUMN] {
+        sets.push(format!("{} = excluded.{}", quote(system), quote(system)));
+    }
+    let tail = format!(
+        "ON CONFLICT ({}) DO UPDATE SET {} WHERE t.{seq} < excluded.{seq} RETURNING {seq} AS v",
+        keys.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", "),
+        sets.join(", "),
+        seq = quote(SEQ_COLUMN)
+    );
+    insert_rows(conn, &table_ref, &columns, values, &tail, true)
+}
+
+/// Deletes the child rows of the root records just replaced.
+fn delete_children(
+    conn: &mut Conn<'_>,
+    catalog: &Catalog,
+    root: &TableInfo,
+    child: &TableInfo,
+    winners: &[i64],
+) -> QueryResult<usize> {
+    let d = catalog.dialect;
+    let root_keys: Vec<String> = root.key_columns.iter().map(|(n, _)| quote(n)).collect();
+    let child_keys: Vec<String> = child
+        .key_columns
+        .iter()
+        .take(root_keys.len())
+        .map(|(n, _)| quote(n))
+        .collect();
+    conn.execute(
+        &format!(
+            "DELETE FROM {} WHERE ({}) IN (SELECT {} FROM {} WHERE {} IN ({}))",
+            d.table_ref(catalog.client_id, &child.name),
+            child_keys.join(", "),
+            root_keys.join(", "),
+            d.table_ref(catalog.client_id, &root.name),
+            quote(SEQ_COLUMN),
+            d.list_param(1, ColType::BigInt)
+        ),
+        &[Param::IntArray(winners.iter().map(|s| Some(*s)).collect())],
+    )
+}
+
+/// Keeps rejected records, with the reason and the record as received.
+pub fn record_rejections(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    rejected: &[(&Staged, String)],
+) -> QueryResult<()> {
+    if rejected.is_empty() {
+        return Ok(());
+    }
+    let d = conn.dialect();
+    let now = intake_core::timestamps::now();
+    let columns: Vec<(String, ColType)> = [
+        ("table_name", ColType::Text),
+        ("seq", ColType::BigInt),
+        ("received_at", ColType::Timestamp),
+        ("rejected_at", ColType::Timestamp),
+        ("reason", ColType::Text),
+        ("record", ColType::Text),
+    ]
+    .iter()
+    .map(|(n, t)| (n.to_string(), *t))
+    .collect();
+    let rows = rejected
+        .iter()
+        .map(|(s, why)| {
+            vec![
+                Val::Text(table.to_owned()),
+                Val::Int(s.seq),
+                Val::Time(s.received_at),
+                Val::Time(now),
+                Val::Text(why.clone()),
+                Val::Text(s.record.replace('\0', "\\u0000")),
+            ]
+        })
+        .collect();
+    insert_rows(
+        conn,
+        &d.table_ref(client_id, REJECTED_TABLE),
+        &columns,
+        rows,
+        "ON CONFLICT DO NOTHING",
+        false,
+    )?;
+    Ok(())
+}
+
+/// Appends a row to the client's load history.
+#[allow(clippy::too_many_arguments)]
+pub fn record_history(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    started_at: chrono::DateTime<chrono::Utc>,
+    duration_ms: i64,
+    loaded: usize,
+    rejected: usize,
+    seqs: (i64, i64),
+    error: Option<&str>,
+) -> QueryResult<()> {
+    let d = conn.dialect();
+    let ph: Vec<String> = (1..=8).map(|i| d.placeholder(i)).collect();
+    conn.execute(
+        &format!(
+            "INSERT INTO {} (table_name, started_at, duration_ms, records_loaded, records_rejected, first_seq, last_seq, error) \
+             VALUES ({})",
+            d.table_ref(client_id, HISTORY_TABLE),
+            ph.join(", ")
+        ),
+        &[
+            Param::Text(Some(table.to_owned())),
+            Param::Time(Some(started_at)),
+            Param::Int(Some(duration_ms)),
+            Param::Int(Some(loaded as i64)),
+            Param::Int(Some(rejected as i64)),
+            Param::Int(Some(seqs.0)),
+            Param::Int(Some(seqs.1)),
+            Param::Text(error.map(str::to_owned)),
+        ],
+    )?;
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! One loader pass: every (client, table) with staged records, chunk by chunk, each chunk in
+//! its own transaction. A table is loaded by one loader at a time (a PostgreSQL advisory lock
+//! per chunk transaction, SQLite's single writer); a loader that finds a table locked skips it.
+//! A chunk that fails is split until the record at fault is found and rejected, so one bad
+//! record or table never blocks the rest.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use diesel::QueryResult;
+use intake_core::db::{DbConn, DbPool};
+
+use crate::catalog::ensure_namespace;
+use crate::load_chunk::{ChunkOutcome, load_chunk, record_rejections};
+use crate::queue::{self, Staged};
+use crate::sql::{BoolRow, Conn, Param, in_transaction};
+
+/// The result of loading one table in a pass.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TableReport {
+    pub client_id: i64,
+    pub table: String,
+    pub loaded: usize,
+    pub rejected: usize,
+    /// Another loader held the table; it was left to that loader.
+    pub skipped_busy: bool,
+    pub error: Option<String>,
+}
+
+/// What a pass did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PassReport {
+    pub tables: Vec<TableReport>,
+}
+
+impl PassReport {
+    pub fn loaded(&self) -> usize {
+        self.tables.iter().map(|t| t.loaded).sum()
+    }
+    pub fn rejected(&self) -> usize {
+        self.tables.iter().map(|t| t.rejected).sum()
+    }
+    pub fn errors(&self) -> Vec<String> {
+        self.tables
+            .iter()
+            .filter_map(|t| {
+                t.error
+                    .as_ref()
+                    .map(|e| format!("client {} table {}: {e}", t.client_id, t.table))
+            })
+            .collect()
+    }
+}
+
+/// Progress notifications, for a progress bar or log lines.
+pub enum Event<'a> {
+    TableStarted { client_id: i64, table: &'a str },
+    Chunk { records: usize },
+    TableFinished(&'a TableReport),
+}
+
+/// Borrows the diesel connection inside a pooled connection.
+pub fn conn_of(db: &mut DbConn) -> Conn<'_> {
+    match db {
+        DbConn::Pg(c) => Conn::Pg(c),
+        DbConn::Sqlite(c) => Conn::Sqlite(c),
+    }
+}
+
+/// Loads everything pending, or stops between chunks once `stop` is set.
+pub fn run_pass(
+    pool: &DbPool,
+    chunk_size: usize,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(Event<'_>),
+) -> anyhow::Result<PassReport> {
+    let mut db = pool.get()?;
+    let mut conn = conn_of(&mut db);
+    let mut report = PassReport::default();
+    let mut ready = HashSet::new();
+    for (client_id, table) in queue::pending_tables(&mut conn)? {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        progress(Event::TableStarted {
+            client_id,
+            table: &table,
+        });
+        let mut result = TableReport {
+            client_id,
+            table: table.clone(),
+            ..TableReport::default()
+        };
+        if !ready.contains(&client_id) {
+            match prepare_namespace(&mut conn, client_id) {
+                Ok(()) => {
+                    ready.insert(client_id);
+                }
+                Err(e) => {
+                    result.error = Some(format!("could not prepare the client's namespace: {e}"))
+                }
+            }
+        }
+        if result.error.is_none() {
+            load_table(&mut conn, &mut result, chunk_size.max(1), stop, progress);
+        }
+        progress(Event::TableFinished(&result));
+        report.tables.push(result);
+    }
+    Ok(report)
+}
+
+/// Creates the namespace, retrying once: two loaders creating it at once may collide.
+fn prepare_namespace(conn: &mut Conn<'_>, client_id: i64) -> QueryResult<()> {
+    match in_transaction(conn, |c| ensure_namespace(c, client_id)) {
+        Ok(()) => Ok(()),
+        Err(_) => in_transaction(conn, |c| ensure_namespace(c, client_id)),
+    }
+}
+
+enum Step {
+    Busy,
+    Done,
+    Loaded(ChunkOutcome, usize, i64, i64),
+}
+
+fn load_table(
+    conn: &mut Conn<'_>,
+    result: &mut TableReport,
+    chunk_size: usize,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(Event<'_>),
+) {
+    let (client_id, table) = (result.client_id, result.table.clone());
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let step = in_transaction(conn, |c| {
+            if !lock_table(c, client_id, &table)? {
+                return Ok(Step::Busy);
+            }
+            let chunk = queue::read_chunk(c, client_id, &table, chunk_size)?;
+            let (Some(first), Some(last)) =
+                (chunk.first().map(|s| s.seq), chunk.last().map(|s| s.seq))
+            else {
+                return Ok(Step::Done);
+            };
+            let outcome = load_chunk(c, client_id, &table, &chunk)?;
+            Ok(Step::Loaded(outcome, chunk.len(), first, last))
+        });
+        match step {
+            Ok(Step::Busy) => {
+                result.skipped_busy = true;
+                return;
+            }
+            Ok(Step::Done) => return,
+            Ok(Step::Loaded(outcome, n, first, last)) => {
+                result.loaded += outcome.loaded;
+                result.rejected += outcome.rejected;
+                progress(Event::Chunk { records: n });
+                log::debug!("client {client_id} table {table}: loaded seq {first}..={last}");
+                if n < chunk_size {
+                    // Caught up; records arriving now wait for the next pass.
+                    return;
+                }
+            }
+            Err(e) => {
+                log::warn!(
+                    "loading client {client_id} table {table} failed ({e}); isolating the records at fault"
+                );
+                if crate::sql::ping(conn).is_err() {
+                    result.error = Some(format!("database unavailable: {e}"));
+                    return;
+                }
+                match salvage(conn, client_id, &table, chunk_size, &e.to_string()) {
+                    Ok(Some((outcome, n))) => {
+                        result.loaded += outcome.loaded;
+                        result.rejected += outcome.rejected;
+                        progress(Event::Chunk { records: n });
+                    }
+                    Ok(None) => return,
+                    Err(e2) => {
+                        result.error = Some(e2.to_string());
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Re-reads the failed chunk and loads it in halves, recursively, rejecting single records
+/// that still fail. Returns `None` if the table was taken by another loader meanwhile.
+fn salvage(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    chunk_size: usize,
+    first_error: &str,
+) -> QueryResult<Option<(ChunkOutcome, usize)>> {
+    let chunk = queue::read_chunk(conn, client_id, table, chunk_size)?;
+    let (Some(first), Some(last)) = (chunk.first().map(|s| s.seq), chunk.last().map(|s| s.seq))
+    else {
+        return Ok(None);
+    };
+    let mut total = ChunkOutcome::default();
+    let seqs: Vec<i64> = chunk.iter().map(|s| s.seq).collect();
+    log::debug!(
+        "salvaging client {client_id} table {table} seq {first}..={last} after: {first_error}"
+    );
+    load_split(conn, client_id, table, &seqs, &mut total)?;
+    Ok(Some((total, chunk.len())))
+}
+
+fn load_split(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    seqs: &[i64],
+    total: &mut ChunkOutcome,
+) -> QueryResult<()> {
+    let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) else {
+        return Ok(());
+    };
+    let attempt = in_transaction(conn, |c| {
+        if !lock_table(c, client_id, table)? {
+            return Ok(None);
+        }
+        let records = queue::read_range(c, client_id, table, first, last)?;
+        if records.is_empty() {
+            return Ok(Some(ChunkOutcome::default()));
+        }
+        load_chunk(c, client_id, table, &records).map(Some)
+    });
+    match attempt {
+        Ok(Some(outcome)) => {
+            total.loaded += outcome.loaded;
+            total.rejected += outcome.rejected;
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) if seqs.len() == 1 => {
+            let reason = format!("could not be loaded: {e}");
+            in_transaction(conn, |c| {
+                let records: Vec<Staged> = queue::read_range(c, client_id, table, first, last)?;
+                let refs: Vec<(&Staged, String)> =
+                    records.iter().map(|s| (s, reason.clone())).collect();
+                record_rejections(c, client_id, table, &refs)?;
+                queue::delete_range(c, client_id, table, first, last)?;
+                total.rejected += refs.len();
+                Ok(())
+            })
+        }
+        Err(_) => {
+            let (left, right) = seqs.split_at(seqs.len() / 2);
+            load_split(conn, client_id, table, left, total)?;
+            load_split(conn, client_id, table, right, total)
+        }
+    }
+}
+
+/// Takes the table's load lock for the current transaction (PostgreSQL); SQLite's
+/// `BEGIN IMMEDIATE` already made this transaction the only writer.
+fn lock_table(conn: &mut Conn<'_>, client_id: i64, table: &str) -> QueryResult<bool> {
+    match conn {
+        Conn::Sqlite(_) => Ok(true),
+        Conn::Pg(_) => {
+            let rows: Vec<BoolRow> = conn.load(
+                "SELECT pg_try_advisory_xact_lock(hashtext('intake.load'), hashtext($1)) AS v",
+                &[Param::Text(Some(format!("{client_id}/{table}")))],
+            )?;
+            Ok(rows.first().is_some_and(|r| r.v))
+        }
+    }
+}

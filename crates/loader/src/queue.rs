@@ -1,0 +1,147 @@
+//! The loader's side of the staging queue (the ingest side is `intake_core::staging`):
+//! which tables have work, reading a chunk in sequence order, and removing loaded records.
+
+use chrono::{DateTime, Utc};
+use diesel::QueryResult;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+
+use crate::dialect::Dialect;
+use crate::sql::{Conn, Param};
+
+/// A record waiting in staging.
+#[derive(Debug, Clone)]
+pub struct Staged {
+    pub seq: i64,
+    pub received_at: DateTime<Utc>,
+    pub record: String,
+}
+
+#[derive(QueryableByName)]
+struct PendingTable {
+    #[diesel(sql_type = BigInt)]
+    client_id: i64,
+    #[diesel(sql_type = Text)]
+    table_name: String,
+}
+
+#[derive(QueryableByName)]
+struct StagedRow {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = Text)]
+    received_at: String,
+    #[diesel(sql_type = Text)]
+    record: String,
+}
+
+/// Every (client, table) with records waiting.
+pub fn pending_tables(conn: &mut Conn<'_>) -> QueryResult<Vec<(i64, String)>> {
+    let rows: Vec<PendingTable> = conn.load(
+        "SELECT DISTINCT client_id, table_name FROM staged_records ORDER BY client_id, table_name",
+        &[],
+    )?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.client_id, r.table_name))
+        .collect())
+}
+
+/// The oldest `limit` records of a table, in sequence order.
+pub fn read_chunk(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    limit: usize,
+) -> QueryResult<Vec<Staged>> {
+    read_chunk_where(conn, client_id, table, None, limit)
+}
+
+fn read_chunk_where(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    range: Option<(i64, i64)>,
+    limit: usize,
+) -> QueryResult<Vec<Staged>> {
+    let d = conn.dialect();
+    let received = match d {
+        // Text in one fixed format, so both backends read alike.
+        Dialect::Postgres => {
+            "to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+        }
+        Dialect::Sqlite => "received_at",
+    };
+    let rows: Vec<StagedRow> = conn.load(
+        &format!(
+            "SELECT seq, {received} AS received_at, record FROM staged_records \
+             WHERE client_id = {} AND table_name = {} AND seq >= {} AND seq <= {} ORDER BY seq LIMIT {}",
+            d.placeholder(1),
+            d.placeholder(2),
+            d.placeholder(3),
+            d.placeholder(4),
+            d.placeholder(5)
+        ),
+        &[
+            Param::Int(Some(client_id)),
+            Param::Text(Some(table.to_owned())),
+            Param::Int(Some(range.map_or(i64::MIN, |r| r.0))),
+            Param::Int(Some(range.map_or(i64::MAX, |r| r.1))),
+            Param::Int(Some(limit as i64)),
+        ],
+    )?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Staged {
+            seq: r.seq,
+            received_at: intake_core::timestamps::parse_sqlite_text(&r.received_at)
+                .unwrap_or_default(),
+            record: r.record,
+        })
+        .collect())
+}
+
+/// Removes a loaded range of a table's records. Called in the transaction that wrote them.
+pub fn delete_range(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    first: i64,
+    last: i64,
+) -> QueryResult<usize> {
+    let d = conn.dialect();
+    conn.execute(
+        &format!(
+            "DELETE FROM staged_records WHERE client_id = {} AND table_name = {} AND seq >= {} AND seq <= {}",
+            d.placeholder(1),
+            d.placeholder(2),
+            d.placeholder(3),
+            d.placeholder(4)
+        ),
+        &[
+            Param::Int(Some(client_id)),
+            Param::Text(Some(table.to_owned())),
+            Param::Int(Some(first)),
+            Param::Int(Some(last)),
+        ],
+    )
+}
+
+/// The records of a table with sequences in `first..=last` that are still staged.
+pub fn read_range(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    first: i64,
+    last: i64,
+) -> QueryResult<Vec<Staged>> {
+    let mut rows = read_chunk_where(
+        conn,
+        client_id,
+        table,
+        Some((first, last)),
+        (last - first + 1).max(0) as usize,
+    )?;
+    rows.retain(|s| s.seq >= first && s.seq <= last);
+    Ok(rows)
+}
