@@ -135,6 +135,18 @@ pub fn sqlite_session_setup(
 }
 
 impl DbPool {
+    /// A one-connection pool for command-line tools: no spare connections are opened in the
+    /// background, so nothing is mid-handshake when the process exits.
+    pub fn single(target: &DatabaseTarget, settings: &DatabaseSettings) -> anyhow::Result<DbPool> {
+        DbPool::new(
+            target,
+            &DatabaseSettings {
+                pool_size: 1,
+                ..settings.clone()
+            },
+        )
+    }
+
     /// Builds a pool without connecting, so that a process can start (and report not-ready)
     /// while the database is down; connections are made on demand.
     pub fn new(target: &DatabaseTarget, settings: &DatabaseSettings) -> anyhow::Result<DbPool> {
@@ -143,7 +155,7 @@ impl DbPool {
             DatabaseTarget::Postgres(url) => DbPool::Pg(
                 diesel::r2d2::Pool::builder()
                     .max_size(settings.pool_size)
-                    .min_idle(Some(1))
+                    .min_idle(Some(settings.pool_size.min(2)))
                     .connection_timeout(checkout)
                     .test_on_check_out(true)
                     .connection_customizer(Box::new(PgSession {
@@ -159,7 +171,7 @@ impl DbPool {
                 DbPool::Sqlite(
                     diesel::r2d2::Pool::builder()
                         .max_size(settings.pool_size)
-                        .min_idle(Some(1))
+                        .min_idle(Some(settings.pool_size.min(2)))
                         .connection_timeout(checkout)
                         .test_on_check_out(false)
                         .connection_customizer(Box::new(SqliteSession {

@@ -16,6 +16,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/default.toml";
 
 /// Every setting of every Intake process.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
     pub database: DatabaseSettings,
@@ -24,6 +25,7 @@ pub struct Settings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServerSettings {
     pub bind: String,
     pub workers: usize,
@@ -37,6 +39,7 @@ pub struct ServerSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     pub url: String,
     pub pool_size: u32,
@@ -46,6 +49,7 @@ pub struct DatabaseSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuthSettings {
     pub cache_ttl_secs: u64,
     pub last_used_flush_secs: u64,
@@ -62,6 +66,7 @@ pub enum EmbeddedLoader {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LoaderSettings {
     pub interval_secs: u64,
     pub embedded: EmbeddedLoader,

@@ -79,7 +79,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if settings.database.migrate_on_start {
         db::run_migrations(&target, &settings.database)?;
     }
-    let mut conn = DbPool::new(&target, &settings.database)?
+    let mut conn = DbPool::single(&target, &settings.database)?
         .get()
         .with_context(|| format!("connecting to {}", target.redacted()))?;
     match cli.command {
@@ -154,8 +154,19 @@ fn list(conn: &mut DbConn, client_id: Option<i64>, as_json: bool) -> anyhow::Res
 }
 
 fn revoke(conn: &mut DbConn, key_id: &str, reason: &str) -> anyhow::Result<()> {
+    // A whole key pasted by mistake: revoke it by its id, and never repeat its secret.
+    let key_id = match keys::parse_key(key_id) {
+        Some(presented) => {
+            eprintln!(
+                "note: that was a whole API key; revoking its key id {}",
+                presented.key_id
+            );
+            presented.key_id
+        }
+        None => key_id,
+    };
     if !keys::is_key_id(key_id) {
-        bail!("{key_id:?} is not a key id (12 lower-case letters and digits, as `list` shows)");
+        bail!("that is not a key id (12 lower-case letters and digits, as `list` shows)");
     }
     match key_store::revoke_key(conn, key_id, reason).context("revoking the key")? {
         Revocation::Revoked => println!("Revoked key {key_id}."),

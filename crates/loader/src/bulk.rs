@@ -116,10 +116,33 @@ fn scalar_param(v: &Val) -> Param {
     }
 }
 
-/// Column `i` of all rows as one typed array. A value of the wrong type for the column is a
-/// bug upstream; it becomes NULL rather than a panic, and the catalog tests guard against it.
+/// Column `i` of all rows as one typed array.
 fn column_array(rows: &[Vec<Val>], i: usize, t: ColType) -> Param {
-    let values = rows.iter().map(|r| r.get(i).unwrap_or(&Val::Null));
+    typed_array(rows.iter().map(|r| r.get(i).unwrap_or(&Val::Null)), t)
+}
+
+/// A list of values as one typed array parameter.
+pub fn column_param(values: &[Val], t: ColType) -> Param {
+    typed_array(values.iter(), t)
+}
+
+/// A key value as JSON (SQLite reads key lists with json_each).
+pub fn key_json(v: &Val) -> serde_json::Value {
+    match v {
+        Val::Int(i) => (*i).into(),
+        Val::Bool(b) => i64::from(*b).into(),
+        Val::Text(s) | Val::Json(s) => s.clone().into(),
+        Val::Float(f) => {
+            serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into)
+        }
+        Val::Time(t) => intake_core::timestamps::sqlite_text(*t).into(),
+        Val::Null => serde_json::Value::Null,
+    }
+}
+
+/// A value of the wrong type for the column is a bug upstream; it becomes NULL rather than a
+/// panic.
+fn typed_array<'a>(values: impl Iterator<Item = &'a Val>, t: ColType) -> Param {
     match t {
         ColType::BigInt => Param::IntArray(
             values

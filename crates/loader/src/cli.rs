@@ -94,7 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if settings.database.migrate_on_start {
         db::run_migrations(&target, &settings.database)?;
     }
-    let pool = DbPool::new(&target, &settings.database)?;
+    let pool = DbPool::single(&target, &settings.database)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;

@@ -200,16 +200,22 @@ pub fn load_chunk(
     }
     // A replaced record's old child rows go, in every child table of the family, before the
     // new version's rows are written.
+    let winner_set: HashSet<i64> = winners.iter().copied().collect();
     if let Some(root) = catalog.tables.get(&root_key)
         && !winners.is_empty()
     {
+        let winner_keys: Vec<&Vec<Val>> = candidates
+            .iter()
+            .map(|&i| &accepted[i])
+            .filter(|a| winner_set.contains(&a.staged.seq))
+            .map(|a| &a.key_values)
+            .collect();
         for (key, info) in &catalog.tables {
             if *key != root_key && pre_existing.contains(key) {
-                delete_children(conn, &catalog, root, info, &winners)?;
+                delete_children(conn, &catalog, root, info, &winner_keys)?;
             }
         }
     }
-    let winner_set: HashSet<i64> = winners.iter().copied().collect();
     for (table_key, mut rows) in per_table {
         let Some(info) = catalog.tables.get(&table_key) else {
             continue;
@@ -402,33 +408,68 @@ fn write_table(
     insert_rows(conn, &table_ref, &columns, values, &tail, true)
 }
 
-/// Deletes the child rows of the root records just replaced.
+/// Deletes the child rows of the root records just replaced, by their key values (so the
+/// child table's primary key index finds them; no scan).
 fn delete_children(
     conn: &mut Conn<'_>,
     catalog: &Catalog,
     root: &TableInfo,
     child: &TableInfo,
-    winners: &[i64],
+    winner_keys: &[&Vec<Val>],
 ) -> QueryResult<usize> {
     let d = catalog.dialect;
-    let root_keys: Vec<String> = root.key_columns.iter().map(|(n, _)| quote(n)).collect();
+    let width = root.key_columns.len();
     let child_keys: Vec<String> = child
         .key_columns
         .iter()
-        .take(root_keys.len())
+        .take(width)
         .map(|(n, _)| quote(n))
         .collect();
+    let (source, params) = match d {
+        Dialect::Postgres => {
+            let arrays: Vec<String> = root
+                .key_columns
+                .iter()
+                .enumerate()
+                .map(|(i, (_, t))| format!("${}::{}[]", i + 1, d.sql_type(*t)))
+                .collect();
+            let params = root
+                .key_columns
+                .iter()
+                .enumerate()
+                .map(|(i, (_, t))| {
+                    let column: Vec<Val> = winner_keys.iter().map(|k| k[i].clone()).collect();
+                    crate::bulk::column_param(&column, *t)
+                })
+                .collect();
+            (
+                format!("SELECT * FROM unnest({})", arrays.join(", ")),
+                params,
+            )
+        }
+        Dialect::Sqlite => {
+            let picks: Vec<String> = (0..width)
+                .map(|i| format!("json_extract(value, '$[{i}]')"))
+                .collect();
+            let tuples: Vec<serde_json::Value> = winner_keys
+                .iter()
+                .map(|k| serde_json::Value::Array(k.iter().map(crate::bulk::key_json).collect()))
+                .collect();
+            (
+                format!("SELECT {} FROM json_each(?1)", picks.join(", ")),
+                vec![Param::Text(Some(
+                    serde_json::Value::Array(tuples).to_string(),
+                ))],
+            )
+        }
+    };
     conn.execute(
         &format!(
-            "DELETE FROM {} WHERE ({}) IN (SELECT {} FROM {} WHERE {} IN ({}))",
+            "DELETE FROM {} WHERE ({}) IN ({source})",
             d.table_ref(catalog.client_id, &child.name),
             child_keys.join(", "),
-            root_keys.join(", "),
-            d.table_ref(catalog.client_id, &root.name),
-            quote(SEQ_COLUMN),
-            d.list_param(1, ColType::BigInt)
         ),
-        &[Param::IntArray(winners.iter().map(|s| Some(*s)).collect())],
+        &params,
     )
 }
 

@@ -71,7 +71,40 @@ pub fn redact(target: &str) -> String {
     out
 }
 
+/// Decodes `%XX` escapes and `+` (as query strings are read), lossily for invalid UTF-8.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi * 16 + lo);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
 fn redact_tokens(text: &str) -> String {
+    let decoded = percent_decode(text);
+    let text = if decoded.contains(&format!("{KEY_PREFIX}_")) {
+        decoded.as_str()
+    } else {
+        text
+    };
     let needle = format!("{KEY_PREFIX}_");
     let mut out = String::with_capacity(text.len());
     let mut rest = text;

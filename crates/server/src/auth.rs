@@ -34,11 +34,17 @@ pub enum AuthFailure {
     Invalid,
     /// The database could not be asked (503).
     Unavailable(GateError),
+    /// Too many wrong secrets for this key id lately: try again after this many seconds
+    /// (429). Never 401, so that guessing cannot make a valid key look revoked.
+    Throttled(u64),
 }
 
 #[derive(Default)]
 struct SlotState {
     fetched_at: Option<Instant>,
+    /// After a failed lookup, requests queued behind it fail fast until then instead of each
+    /// waiting out its own database timeout.
+    unavailable_until: Option<Instant>,
     credentials: Option<KeyCredentials>,
     verified_digest: Option<[u8; 32]>,
     failed_verifies: u32,
@@ -75,12 +81,27 @@ impl KeyVerifier {
         let mut state = slot.state.lock().await;
         let stale = state.fetched_at.is_none_or(|at| at.elapsed() >= self.ttl);
         if stale {
+            if state
+                .unavailable_until
+                .is_some_and(|until| Instant::now() < until)
+            {
+                return Err(AuthFailure::Unavailable(GateError::Busy));
+            }
             let id = key_id.to_owned();
-            let fresh = self
+            let started = Instant::now();
+            let fresh = match self
                 .gate
                 .run(move |conn| key_store::find_credentials(conn, &id))
                 .await
-                .map_err(AuthFailure::Unavailable)?;
+            {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    state.unavailable_until =
+                        Some(Instant::now() + started.elapsed().max(Duration::from_millis(250)));
+                    return Err(AuthFailure::Unavailable(e));
+                }
+            };
+            state.unavailable_until = None;
             let same_hash = match (&fresh, &state.credentials) {
                 (Some(new), Some(old)) => new.secret_hash == old.secret_hash,
                 _ => false,
@@ -107,7 +128,10 @@ impl KeyVerifier {
             };
         }
         if state.failed_verifies >= MAX_FAILED_VERIFIES_PER_TTL {
-            return Err(AuthFailure::Invalid);
+            let wait = state
+                .fetched_at
+                .map_or(self.ttl, |at| self.ttl.saturating_sub(at.elapsed()));
+            return Err(AuthFailure::Throttled(wait.as_secs().max(1)));
         }
         let secret = secret.to_owned();
         let hash = credentials.secret_hash.clone();

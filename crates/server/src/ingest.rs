@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use actix_web::http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
 use intake_core::push_body::{BodyRejection, parse_push_body};
@@ -100,9 +100,17 @@ async fn authorize(req: &HttpRequest, cid: &str, state: &AppState) -> Result<i64
                 log::error!("key lookup failed: {e}");
                 state.unavailable()
             }
+            AuthFailure::Throttled(secs) => ApiError {
+                retry_after: Some(secs),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many wrong secrets were tried for this key id; retry later",
+                )
+            },
         })?;
+    // Only the canonical spelling names a client: not "+42", not "0042".
     match cid.parse::<i64>() {
-        Ok(id) if id == key_client => Ok(id),
+        Ok(id) if id == key_client && id.to_string() == cid => Ok(id),
         _ => Err(ApiError::forbidden(&shorten(cid))),
     }
 }
@@ -116,8 +124,20 @@ fn shorten(text: &str) -> String {
     }
 }
 
-/// JSON only; a missing Content-Type is accepted (older clients omit it).
+/// JSON only, uncompressed; a missing Content-Type is accepted (older clients omit it).
 fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
+    if let Some(encoding) = req.headers().get(CONTENT_ENCODING)
+        && !encoding
+            .to_str()
+            .unwrap_or("")
+            .trim()
+            .eq_ignore_ascii_case("identity")
+    {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "compressed bodies are not accepted: send the JSON uncompressed (no Content-Encoding)",
+        ));
+    }
     let Some(value) = req.headers().get(CONTENT_TYPE) else {
         return Ok(());
     };

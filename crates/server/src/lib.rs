@@ -17,7 +17,7 @@ use actix_web::{App, HttpServer, middleware, web};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use intake_core::db::{self, DatabaseTarget, DbPool};
-use intake_core::settings::Settings;
+use intake_core::settings::{DatabaseSettings, EmbeddedLoader, Settings};
 
 use crate::app::AppState;
 use crate::auth::KeyVerifier;
@@ -78,6 +78,26 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         db::run_migrations(&target, &settings.database)?;
     }
     let pool = DbPool::new(&target, &settings.database)?;
+    let embedded = match settings.loader.embedded {
+        EmbeddedLoader::On => true,
+        EmbeddedLoader::Off => false,
+        EmbeddedLoader::Auto => target.is_sqlite(),
+    };
+    if embedded {
+        let loader_pool = DbPool::new(
+            &target,
+            &DatabaseSettings {
+                pool_size: 1,
+                ..settings.database.clone()
+            },
+        )?;
+        let every = Duration::from_secs(settings.loader.embedded_interval_secs.max(1));
+        intake_loader::embedded::spawn(loader_pool, every, settings.loader.chunk_size)?;
+        log::info!(
+            "in-process loader: a pass every {}s (loader.embedded)",
+            every.as_secs()
+        );
+    }
     let gate = DbGate::new(
         pool,
         settings.database.pool_size as usize,

@@ -1,0 +1,100 @@
+//! A database made for one benchmark run and removed after it.
+
+use anyhow::Context;
+use diesel::{Connection, RunQueryDsl};
+use intake_core::db::{self, DatabaseTarget, DbPool};
+use intake_core::settings::DatabaseSettings;
+
+/// Where PostgreSQL is; override with INTAKE_BENCH_PG_URL (a server URL without database).
+fn pg_server() -> String {
+    std::env::var("INTAKE_BENCH_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+pub struct FreshDb {
+    url: String,
+    pg_name: Option<String>,
+    _dir: Option<tempdir::TempDir>,
+    owned: bool,
+}
+
+mod tempdir {
+    /// A directory removed on drop.
+    pub struct TempDir(pub std::path::PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn settings() -> DatabaseSettings {
+    DatabaseSettings {
+        url: String::new(),
+        pool_size: 4,
+        checkout_timeout_ms: 10_000,
+        statement_timeout_ms: 600_000,
+        migrate_on_start: true,
+    }
+}
+
+impl FreshDb {
+    /// Creates and migrates a new database.
+    pub fn create(postgres: bool) -> anyhow::Result<FreshDb> {
+        let tag = format!("{}_{}", std::process::id(), rand::random::<u32>());
+        let db = if postgres {
+            let name = format!("intake_bench_{tag}");
+            let mut admin = diesel::PgConnection::establish(&format!("{}/postgres", pg_server()))
+                .context("connecting to PostgreSQL (set INTAKE_BENCH_PG_URL)")?;
+            diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin)?;
+            FreshDb {
+                url: format!("{}/{name}", pg_server()),
+                pg_name: Some(name),
+                _dir: None,
+                owned: true,
+            }
+        } else {
+            let dir = std::env::temp_dir().join(format!("intake-bench-{tag}"));
+            std::fs::create_dir_all(&dir)?;
+            let url = format!("sqlite://{}", dir.join("intake.db").display());
+            FreshDb {
+                url,
+                pg_name: None,
+                _dir: Some(tempdir::TempDir(dir)),
+                owned: true,
+            }
+        };
+        db::run_migrations(&DatabaseTarget::parse(&db.url)?, &settings())?;
+        Ok(db)
+    }
+
+    /// Uses an existing database (in a child process) without removing it.
+    pub fn attach(url: &str) -> anyhow::Result<FreshDb> {
+        Ok(FreshDb {
+            url: url.to_owned(),
+            pg_name: None,
+            _dir: None,
+            owned: false,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn pool(&self) -> anyhow::Result<DbPool> {
+        DbPool::new(&DatabaseTarget::parse(&self.url)?, &settings())
+    }
+}
+
+impl Drop for FreshDb {
+    fn drop(&mut self) {
+        if let (true, Some(name)) = (self.owned, &self.pg_name)
+            && let Ok(mut admin) =
+                diesel::PgConnection::establish(&format!("{}/postgres", pg_server()))
+        {
+            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .execute(&mut admin);
+        }
+    }
+}

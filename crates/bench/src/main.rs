@@ -1,0 +1,281 @@
+//! `intake-bench <scenario>`: sets up a fresh database, runs the scenario, prints its figures
+//! beside a baseline measured in the same invocation, and tears everything down.
+//!
+//! Scenarios: `load` (staged → warehouse). Run with `cargo run --release -p intake-bench -- load`.
+
+mod data;
+mod fresh_db;
+
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use intake_core::db::DbConn;
+use intake_core::staging::{self, StagedBatch};
+
+use crate::fresh_db::FreshDb;
+
+#[derive(Parser)]
+#[command(
+    name = "intake-bench",
+    about = "Intake benchmarks, each with a same-run baseline"
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    Postgres,
+    Sqlite,
+    Both,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Staged → warehouse with flattening, child tables and upserts, against a hand-written
+    /// set-based SQL load of the same records into one typed table.
+    Load {
+        #[arg(long, value_enum, default_value = "both")]
+        backend: Backend,
+        /// Records to stage (about 20% are updates of earlier keys).
+        #[arg(long, default_value_t = 200_000)]
+        records: usize,
+        /// Records per loader chunk.
+        #[arg(long, default_value_t = 5000)]
+        chunk_size: usize,
+    },
+    /// Internal: run one loader pass in this process (so its memory can be measured alone).
+    #[command(hide = true)]
+    LoadChild { url: String, chunk_size: usize },
+}
+
+fn main() -> ExitCode {
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .try_init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("intake-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.scenario {
+        Scenario::Load {
+            backend,
+            records,
+            chunk_size,
+        } => {
+            print_machine();
+            for b in [Backend::Postgres, Backend::Sqlite] {
+                if backend == b || backend == Backend::Both {
+                    load_scenario(b, records, chunk_size)?;
+                }
+            }
+            Ok(())
+        }
+        Scenario::LoadChild { url, chunk_size } => {
+            let db = FreshDb::attach(&url)?;
+            let report = intake_loader::pass::run_pass(
+                &db.pool()?,
+                chunk_size,
+                &AtomicBool::new(false),
+                &mut |_| {},
+            )?;
+            if !report.errors().is_empty() {
+                bail!("load failed: {:?}", report.errors());
+            }
+            println!("{}", report.loaded());
+            Ok(())
+        }
+    }
+}
+
+fn print_machine() {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("machine: {cores} cores, {cpu}");
+}
+
+const CLIENT: i64 = 1;
+const TABLE: &str = "orders";
+
+fn load_scenario(backend: Backend, records: usize, chunk_size: usize) -> anyhow::Result<()> {
+    let name = if backend == Backend::Postgres {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
+    let db = FreshDb::create(backend == Backend::Postgres)?;
+    let pool = db.pool()?;
+    let mut conn = pool.get()?;
+    let mut generator = data::Generator::new();
+    let mut bytes = 0usize;
+    let mut staged = 0usize;
+    while staged < records {
+        let batch = generator.records((records - staged).min(1000));
+        bytes += batch.iter().map(String::len).sum::<usize>();
+        let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+        staging::append(
+            &mut conn,
+            &StagedBatch {
+                client_id: CLIENT,
+                table: TABLE,
+                received_at: intake_core::timestamps::now(),
+                records: &refs,
+            },
+        )?;
+        staged += batch.len();
+    }
+    exec(
+        &mut conn,
+        "CREATE TABLE bench_source AS SELECT * FROM staged_records",
+    )?;
+    println!(
+        "\nload on {name}: {staged} records staged ({} bytes a record on average), chunk {chunk_size}",
+        bytes / staged.max(1)
+    );
+
+    // Intake's loader, alone in a child process so that its peak memory is its own.
+    let started = Instant::now();
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["load-child", db.url(), &chunk_size.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the loader child")?;
+    let pid = child.id();
+    let mut peak_kib = 0u64;
+    while child.try_wait()?.is_none() {
+        peak_kib = peak_kib.max(vm_hwm_kib(pid).unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let loader_secs = started.elapsed().as_secs_f64();
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        bail!("the loader child failed");
+    }
+    let rows = count(
+        &mut conn,
+        &format!("SELECT COUNT(*) AS n FROM {}", table_ref(backend, TABLE)),
+    )?;
+    let distinct = rows;
+
+    // Baseline: one hand-written set-based statement into one typed table.
+    exec(&mut conn, &baseline_ddl(backend))?;
+    let started = Instant::now();
+    exec(&mut conn, &baseline_load(backend))?;
+    let baseline_secs = started.elapsed().as_secs_f64();
+    let baseline_rows = count(&mut conn, "SELECT COUNT(*) AS n FROM baseline_orders")?;
+    if baseline_rows != distinct {
+        bail!("loader wrote {distinct} rows but the baseline {baseline_rows}: the runs disagree");
+    }
+    let loader_rate = staged as f64 / loader_secs;
+    let baseline_rate = staged as f64 / baseline_secs;
+    println!(
+        "  {:<32} {:>8.2} s {:>12.0} records/s   peak RSS {} MiB",
+        "intake-loader (flatten, children, upsert)",
+        loader_secs,
+        loader_rate,
+        peak_kib / 1024
+    );
+    println!(
+        "  {:<32} {:>8.2} s {:>12.0} records/s",
+        "baseline (set-based SQL, 1 table)", baseline_secs, baseline_rate
+    );
+    println!(
+        "  ratio: {:.2}x baseline; {rows} distinct keys loaded",
+        loader_rate / baseline_rate
+    );
+    Ok(())
+}
+
+fn table_ref(backend: Backend, table: &str) -> String {
+    match backend {
+        Backend::Postgres => format!("client_{CLIENT}.{table}"),
+        _ => format!("client_{CLIENT}__{table}"),
+    }
+}
+
+fn baseline_ddl(backend: Backend) -> String {
+    let (ts, f) = if backend == Backend::Postgres {
+        ("timestamptz", "double precision")
+    } else {
+        ("TEXT", "REAL")
+    };
+    format!(
+        "CREATE TABLE baseline_orders (id bigint PRIMARY KEY, customer__name text, customer__email text, \
+         customer__address__city text, customer__address__zip text, status text, total {f}, quantity bigint, \
+         gift boolean, created_at {ts}, note text, seq bigint NOT NULL)"
+    )
+}
+
+fn baseline_load(backend: Backend) -> String {
+    let update = "ON CONFLICT (id) DO UPDATE SET customer__name = excluded.customer__name, \
+        customer__email = excluded.customer__email, customer__address__city = excluded.customer__address__city, \
+        customer__address__zip = excluded.customer__address__zip, status = excluded.status, total = excluded.total, \
+        quantity = excluded.quantity, gift = excluded.gift, created_at = excluded.created_at, note = excluded.note, \
+        seq = excluded.seq WHERE baseline_orders.seq < excluded.seq";
+    match backend {
+        Backend::Postgres => format!(
+            "INSERT INTO baseline_orders SELECT DISTINCT ON (id) * FROM ( \
+               SELECT (r->>'id')::bigint AS id, r#>>'{{customer,name}}', r#>>'{{customer,email}}', \
+                 r#>>'{{customer,address,city}}', r#>>'{{customer,address,zip}}', r->>'status', (r->>'total')::float8, \
+                 (r->>'quantity')::bigint, (r->>'gift')::boolean, (r->>'created_at')::timestamptz, r->>'note', seq \
+               FROM (SELECT seq, record::jsonb AS r FROM bench_source) s) x \
+             ORDER BY id, seq DESC {update}"
+        ),
+        _ => format!(
+            "INSERT INTO baseline_orders SELECT json_extract(record, '$.id'), json_extract(record, '$.customer.name'), \
+               json_extract(record, '$.customer.email'), json_extract(record, '$.customer.address.city'), \
+               json_extract(record, '$.customer.address.zip'), json_extract(record, '$.status'), \
+               json_extract(record, '$.total'), json_extract(record, '$.quantity'), json_extract(record, '$.gift'), \
+               json_extract(record, '$.created_at'), json_extract(record, '$.note'), seq \
+             FROM bench_source WHERE seq IN (SELECT MAX(seq) FROM bench_source GROUP BY json_extract(record, '$.id')) \
+             ORDER BY seq {update}"
+        ),
+    }
+}
+
+/// Peak resident set size of a process, from /proc (Linux).
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+fn exec(conn: &mut DbConn, sql: &str) -> anyhow::Result<()> {
+    use diesel::RunQueryDsl;
+    match conn {
+        DbConn::Pg(c) => diesel::sql_query(sql).execute(&mut **c)?,
+        DbConn::Sqlite(c) => diesel::sql_query(sql).execute(&mut **c)?,
+    };
+    Ok(())
+}
+
+fn count(conn: &mut DbConn, sql: &str) -> anyhow::Result<i64> {
+    use diesel::RunQueryDsl;
+    let row: Count = match conn {
+        DbConn::Pg(c) => diesel::sql_query(sql).get_result(&mut **c)?,
+        DbConn::Sqlite(c) => diesel::sql_query(sql).get_result(&mut **c)?,
+    };
+    Ok(row.n)
+}

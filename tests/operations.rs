@@ -1,0 +1,349 @@
+//! What an operator relies on: keys never reach the logs while every request does, a dead
+//! database gives fast 503s instead of hangs, and concurrent pushes to one table get distinct,
+//! consecutive sequence numbers. Each test runs on SQLite and on PostgreSQL.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{
+    Backend, Reply, Server, TestDb, both_backends, issue_key, secret_of, staged_rows, unknown_key,
+};
+
+both_backends!(
+    api_keys_never_reach_the_logs_but_every_request_does,
+    an_unreachable_database_answers_503_quickly,
+    one_key_used_concurrently_gets_fast_503s_while_the_database_is_down,
+    concurrent_pushes_get_distinct_consecutive_seqs,
+);
+
+const CLIENT: i64 = 11;
+
+/// The `name=value` fields of an access log line.
+fn fields(line: &str) -> BTreeMap<&str, &str> {
+    line.split_whitespace()
+        .filter_map(|word| word.split_once('='))
+        .collect()
+}
+
+fn api_keys_never_reach_the_logs_but_every_request_does(backend: Backend) {
+    let db = TestDb::new(backend);
+    let server = Server::start(&db, &[]);
+    let (_, key) = issue_key(&db, CLIENT, "logging");
+    let secret = secret_of(&key).to_owned();
+    let wrong_key = format!("{}{}", &key[..key.len() - 4], "WXYZ");
+    let wrong_secret = secret_of(&wrong_key).to_owned();
+    let bearer = format!("Bearer {key}");
+    let one = r#"{"id":1,"keys":["id"]}"#;
+    let three = r#"[{"id":1,"keys":["id"]},{"id":2,"keys":["id"]},{"id":3,"keys":["id"]}]"#;
+    let json = ("Content-Type", "application/json");
+    let data = format!("/v2/client/{CLIENT}/table/logged/data");
+    let auth = format!("/v2/client/{CLIENT}/authenticate");
+
+    // (request, expected status, expected records, text the logged path must contain)
+    let exchanges: Vec<(Reply, u16, u64, String)> = vec![
+        (
+            server.get(&format!("{auth}?apikey={key}")),
+            200,
+            0,
+            format!("path={auth}?apikey=[redacted]"),
+        ),
+        (
+            server.request(
+                "POST",
+                &format!("{data}?apikey={key}"),
+                &[json],
+                Some(three.as_bytes()),
+            ),
+            201,
+            3,
+            format!("path={data}?apikey=[redacted]"),
+        ),
+        (
+            server.get_with(&auth, &[("Authorization", &bearer)]),
+            200,
+            0,
+            format!("path={auth} "),
+        ),
+        (
+            server.request(
+                "POST",
+                &data,
+                &[json, ("X-Api-Key", &key)],
+                Some(three.as_bytes()),
+            ),
+            201,
+            3,
+            format!("path={data} "),
+        ),
+        (
+            server.request(
+                "POST",
+                &format!("{data}?b=1&APIKEY={key}"),
+                &[json],
+                Some(one.as_bytes()),
+            ),
+            201,
+            1,
+            format!("path={data}?b=1&APIKEY=[redacted]"),
+        ),
+        (
+            server.get(&format!("{auth}?apikey={wrong_key}")),
+            401,
+            0,
+            format!("path={auth}?apikey=[redacted]"),
+        ),
+        (
+            server.request(
+                "POST",
+                &format!("{data}?apikey={key}"),
+                &[json],
+                Some(b"[{\"id\":1}]"),
+            ),
+            400,
+            0,
+            format!("path={data}?apikey=[redacted]"),
+        ),
+        // A key pasted where it does not belong is redacted too.
+        (
+            server.get(&format!("/v2/client/{key}/authenticate?token={key}")),
+            401,
+            0,
+            "path=/v2/client/[redacted]/authenticate?token=[redacted]".to_owned(),
+        ),
+    ];
+
+    let mut request_ids = HashSet::new();
+    for (reply, status, records, logged_path) in &exchanges {
+        reply.assert_status(*status);
+        let request_id = reply
+            .header("x-request-id")
+            .unwrap_or_else(|| panic!("no X-Request-Id on a {status} answer"))
+            .to_owned();
+        assert!(!request_id.is_empty());
+        assert!(
+            request_ids.insert(request_id.clone()),
+            "request ids are unique"
+        );
+        let line = server.wait_for_log(&format!("for request {request_id}"), |l| {
+            fields(l).get("request_id") == Some(&request_id.as_str())
+        });
+        let f = fields(&line);
+        assert_eq!(
+            f.get("status"),
+            Some(&status.to_string().as_str()),
+            "{line}"
+        );
+        assert_eq!(
+            f.get("records"),
+            Some(&records.to_string().as_str()),
+            "{line}"
+        );
+        let latency: f64 = f
+            .get("latency_ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no numeric latency_ms in {line}"));
+        assert!(latency >= 0.0, "{line}");
+        assert!(
+            line.contains(logged_path.as_str()),
+            "{logged_path} in {line}"
+        );
+    }
+
+    let logs = server.logs();
+    for line in &logs {
+        for leaked in [&secret, &wrong_secret, &key] {
+            assert!(
+                !line.contains(leaked.as_str()),
+                "a key's secret reached the log: {line}"
+            );
+        }
+    }
+    assert_eq!(staged_rows(&db).len(), 7);
+}
+
+fn an_unreachable_database_answers_503_quickly(backend: Backend) {
+    let db = TestDb::unreachable(backend);
+    let server = Server::start(
+        &db,
+        &[
+            ("INTAKE__DATABASE__MIGRATE_ON_START", "false"),
+            ("INTAKE__DATABASE__CHECKOUT_TIMEOUT_MS", "500"),
+            ("INTAKE__SERVER__RETRY_AFTER_SECS", "3"),
+        ],
+    );
+    let quick = Duration::from_secs(5);
+    let timed = |what: &str, request: &dyn Fn() -> Reply| {
+        let started = Instant::now();
+        let reply = request();
+        assert!(
+            started.elapsed() < quick,
+            "{what} took {:?}: the database being down must not make requests hang",
+            started.elapsed()
+        );
+        reply
+    };
+
+    // The process is alive...
+    server.get("/").assert_status(200);
+    server.get("/health").assert_status(200);
+    // ...but not ready.
+    let ready = timed("GET /ready", &|| server.get("/ready"));
+    ready.assert_error(503);
+    assert_eq!(ready.header("retry-after"), Some("3"));
+
+    // A well-formed key cannot be checked without the database: that is the database's
+    // fault, not the client's, so 503 (retry later) rather than 401 (your key is bad).
+    let key = unknown_key();
+    let record = r#"{"id":1,"keys":["id"]}"#;
+    for (what, reply) in [
+        (
+            "push",
+            timed("push", &|| server.push(CLIENT, "t", &key, record)),
+        ),
+        (
+            "sandbox push",
+            timed("sandbox push", &|| {
+                server.push_sandbox(CLIENT, "t", &key, record)
+            }),
+        ),
+        (
+            "authenticate",
+            timed("authenticate", &|| server.authenticate(CLIENT, &key)),
+        ),
+    ] {
+        let (message, _) = reply.assert_error(503);
+        assert!(message.contains("retry"), "{what}: {message}");
+        assert_eq!(reply.header("retry-after"), Some("3"), "{what}");
+    }
+
+    // What needs no database is still answered as usual.
+    server
+        .request(
+            "POST",
+            &format!("/v2/client/{CLIENT}/table/t/data"),
+            &[("Content-Type", "application/json")],
+            Some(record.as_bytes()),
+        )
+        .assert_error(401);
+    server.authenticate(CLIENT, "not-a-key").assert_error(401);
+    server.get("/nope").assert_error(404);
+}
+
+/// An uploader with many parallel workers shares one key. While the database is down, each of
+/// its requests must still be answered 503 within about one checkout timeout, not queued
+/// behind the others' failed key lookups.
+fn one_key_used_concurrently_gets_fast_503s_while_the_database_is_down(backend: Backend) {
+    const PARALLEL: usize = 12;
+    let db = TestDb::unreachable(backend);
+    let server = Server::start(
+        &db,
+        &[
+            ("INTAKE__DATABASE__MIGRATE_ON_START", "false"),
+            ("INTAKE__DATABASE__CHECKOUT_TIMEOUT_MS", "500"),
+        ],
+    );
+    // Four checkout timeouts: ample for one failed lookup plus waiting for a free connection.
+    let quick = Duration::from_millis(2000);
+    let key = unknown_key();
+    let record = r#"{"id":1,"keys":["id"]}"#;
+    let slow: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..PARALLEL)
+            .map(|n| {
+                let (server, key) = (&server, &key);
+                scope.spawn(move || {
+                    let started = Instant::now();
+                    let reply = server.push(CLIENT, "t", key, record);
+                    let took = started.elapsed();
+                    reply.assert_error(503);
+                    (took >= quick).then(|| format!("request {n}: 503 after {took:?}"))
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .filter_map(|w| w.join().expect("a worker thread"))
+            .collect()
+    });
+    assert!(
+        slow.is_empty(),
+        "{} of {PARALLEL} concurrent requests with one key waited {quick:?} or more for \
+         their 503: {slow:#?}",
+        slow.len()
+    );
+}
+
+fn concurrent_pushes_get_distinct_consecutive_seqs(backend: Backend) {
+    const THREADS: u64 = 8;
+    const REQUESTS: u64 = 20;
+    const RECORDS: u64 = 10;
+    let db = TestDb::new(backend);
+    let server = Server::start(&db, &[]);
+    let (_, key) = issue_key(&db, CLIENT, "busy");
+
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let (server, key) = (&server, &key);
+            scope.spawn(move || {
+                for r in 0..REQUESTS {
+                    let records: Vec<String> = (0..RECORDS)
+                        .map(|i| format!(r#"{{"t":{t},"r":{r},"i":{i},"keys":["t","r","i"]}}"#))
+                        .collect();
+                    let body = format!("[{}]", records.join(","));
+                    let reply = server.push(CLIENT, "busy", key, &body);
+                    assert_eq!(reply.assert_created(), RECORDS, "thread {t} request {r}");
+                }
+            });
+        }
+    });
+
+    let rows = staged_rows(&db);
+    let total = (THREADS * REQUESTS * RECORDS) as usize;
+    assert_eq!(rows.len(), total);
+    let seqs: HashSet<i64> = rows.iter().map(|(_, _, seq, _)| *seq).collect();
+    assert_eq!(seqs.len(), total, "every record has its own seq");
+
+    // (thread, request) -> [(index in the request, seq)]
+    let mut requests: BTreeMap<(u64, u64), Vec<(u64, i64)>> = BTreeMap::new();
+    for (client, table, seq, record) in &rows {
+        assert_eq!((*client, table.as_str()), (CLIENT, "busy"));
+        let value: Value = serde_json::from_str(record).expect("a staged record is JSON");
+        let field = |name: &str| value[name].as_u64().expect("pushed numbers");
+        requests
+            .entry((field("t"), field("r")))
+            .or_default()
+            .push((field("i"), *seq));
+    }
+    assert_eq!(requests.len(), (THREADS * REQUESTS) as usize);
+    for ((t, r), mut members) in requests.clone() {
+        members.sort_by_key(|(_, seq)| *seq);
+        let order: Vec<u64> = members.iter().map(|(i, _)| *i).collect();
+        assert_eq!(
+            order,
+            (0..RECORDS).collect::<Vec<_>>(),
+            "thread {t} request {r}: seq order is array order"
+        );
+        let first = members[0].1;
+        for (k, (_, seq)) in members.iter().enumerate() {
+            assert_eq!(
+                *seq,
+                first + k as i64,
+                "thread {t} request {r}: seqs are consecutive: {members:?}"
+            );
+        }
+    }
+    // A request sent after another was acknowledged gets higher seqs ("later wins").
+    for t in 0..THREADS {
+        for r in 1..REQUESTS {
+            let max_before = requests[&(t, r - 1)].iter().map(|m| m.1).max();
+            let min_after = requests[&(t, r)].iter().map(|m| m.1).min();
+            assert!(
+                max_before < min_after,
+                "thread {t}: request {r} must come after request {}",
+                r - 1
+            );
+        }
+    }
+}

@@ -1,0 +1,695 @@
+//! End-to-end test harness: a fresh database per test (a SQLite file in a temporary directory,
+//! or a throw-away PostgreSQL database), the real `intake-server` and `intake-key-admin`
+//! binaries run as child processes, an HTTP client that lets tests assert on every status
+//! code, and direct reads of the staging table.
+//!
+//! Each test file includes this with `mod support;`; not every file uses every helper.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use diesel::pg::PgConnection;
+use diesel::sql_types::{BigInt, Text};
+use diesel::sqlite::SqliteConnection;
+use diesel::{Connection, QueryableByName, RunQueryDsl};
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// PostgreSQL server the tests create their databases on (trust auth), unless
+/// `INTAKE_TEST_PG_URL` names another; the database part of the URL is the one connected to
+/// for creating and dropping test databases.
+const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// Every test database's name starts with this, then 8 hex digits of its creation time (Unix
+/// seconds) and 16 random hex digits, so that leftovers of crashed runs can be recognised.
+const PG_DB_PREFIX: &str = "intake_t_";
+/// Test databases older than this are leftovers of crashed runs and are dropped.
+const STALE_AFTER_SECS: u64 = 3600;
+/// How long a server may take to say where it listens.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// No single HTTP exchange in these tests should come anywhere near this.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which storage backend a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates, for each named test body `fn name(backend: Backend)`, a module `name` with two
+/// tests, `sqlite` and `postgres`, so that every behaviour is checked on both backends.
+macro_rules! both_backends {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn sqlite() {
+                    super::$name($crate::support::Backend::Sqlite);
+                }
+
+                #[test]
+                fn postgres() {
+                    super::$name($crate::support::Backend::Postgres);
+                }
+            }
+        )+
+    };
+}
+pub(crate) use both_backends;
+
+/// A database of its own for one test, plus the temporary directory the test's processes run
+/// in. A PostgreSQL database is dropped when this is dropped.
+pub struct TestDb {
+    pub backend: Backend,
+    /// What the processes get as `DATABASE_URL`.
+    pub url: String,
+    dir: TempDir,
+    /// PostgreSQL only: the database to drop, and the URL to drop it through.
+    pg: Option<(String, String)>,
+}
+
+impl TestDb {
+    /// A fresh, empty database (the processes under test migrate it when they start).
+    pub fn new(backend: Backend) -> TestDb {
+        let dir = tempfile::tempdir().expect("creating a temporary directory");
+        match backend {
+            Backend::Sqlite => {
+                let url = format!("sqlite://{}/data/intake.db", dir.path().display());
+                TestDb {
+                    backend,
+                    url,
+                    dir,
+                    pg: None,
+                }
+            }
+            Backend::Postgres => {
+                let admin_url = pg_admin_url();
+                sweep_stale_pg_databases(&admin_url);
+                let name = new_pg_db_name();
+                create_pg_database(&admin_url, &name);
+                TestDb {
+                    backend,
+                    url: with_database(&admin_url, &name),
+                    dir,
+                    pg: Some((admin_url, name)),
+                }
+            }
+        }
+    }
+
+    /// A database URL that cannot be used: for PostgreSQL a port nothing listens on, for SQLite
+    /// a path that is a directory. Nothing is created, so nothing needs dropping.
+    pub fn unreachable(backend: Backend) -> TestDb {
+        let dir = tempfile::tempdir().expect("creating a temporary directory");
+        let url = match backend {
+            Backend::Postgres => "postgres://postgres@127.0.0.1:1/nope".to_owned(),
+            Backend::Sqlite => {
+                let not_a_file = dir.path().join("data");
+                std::fs::create_dir_all(&not_a_file).expect("creating a directory");
+                format!("sqlite://{}", not_a_file.display())
+            }
+        };
+        TestDb {
+            backend,
+            url,
+            dir,
+            pg: None,
+        }
+    }
+
+    /// The working directory of every process run against this database.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin_url, name)) = &self.pg {
+            match PgConnection::establish(admin_url) {
+                Ok(mut conn) => {
+                    if let Err(e) =
+                        diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&mut conn)
+                    {
+                        eprintln!("could not drop test database {name}: {e}");
+                    }
+                }
+                Err(e) => eprintln!("could not connect to drop test database {name}: {e}"),
+            }
+        }
+    }
+}
+
+fn pg_admin_url() -> String {
+    std::env::var("INTAKE_TEST_PG_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_PG_URL.to_owned())
+}
+
+/// `base` with its database name replaced by `name` (any `?query` is kept).
+fn with_database(base: &str, name: &str) -> String {
+    let (url, query) = match base.split_once('?') {
+        Some((u, q)) => (u, Some(q)),
+        None => (base, None),
+    };
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let host_part = match url[scheme_end..].find('/') {
+        Some(slash) => &url[..scheme_end + slash],
+        None => url,
+    };
+    match query {
+        Some(q) => format!("{host_part}/{name}?{q}"),
+        None => format!("{host_part}/{name}"),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn new_pg_db_name() -> String {
+    format!(
+        "{PG_DB_PREFIX}{:08x}{:016x}",
+        unix_now() as u32,
+        rand::random::<u64>()
+    )
+}
+
+fn create_pg_database(admin_url: &str, name: &str) {
+    let mut conn = PgConnection::establish(admin_url).unwrap_or_else(|e| {
+        panic!("cannot reach PostgreSQL at {admin_url} (set INTAKE_TEST_PG_URL): {e}")
+    });
+    // Concurrent CREATE DATABASE can trip over one another copying the template; retry briefly.
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut conn) {
+            Ok(_) => return,
+            Err(e) if attempt < 5 && e.to_string().contains("being accessed by other users") => {
+                std::thread::sleep(Duration::from_millis(100 * attempt));
+            }
+            Err(e) => panic!("creating test database {name}: {e}"),
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct DbName {
+    #[diesel(sql_type = Text)]
+    datname: String,
+}
+
+/// Drops test databases left behind by runs that crashed more than an hour ago. Tests never
+/// depend on this: each creates and uses only its own database.
+fn sweep_stale_pg_databases(admin_url: &str) {
+    static SWEEP: Once = Once::new();
+    SWEEP.call_once(|| {
+        let Ok(mut conn) = PgConnection::establish(admin_url) else {
+            return;
+        };
+        let Ok(names) = diesel::sql_query(
+            "SELECT datname::text AS datname FROM pg_database WHERE datname LIKE 'intake\\_t\\_%'",
+        )
+        .load::<DbName>(&mut conn) else {
+            return;
+        };
+        let now = unix_now();
+        for DbName { datname } in names {
+            let created = datname
+                .strip_prefix(PG_DB_PREFIX)
+                .and_then(|rest| rest.get(..8))
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+            let stale = created.is_some_and(|t| now.saturating_sub(t) > STALE_AFTER_SECS);
+            let plain = datname
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if stale && plain {
+                // Another test process may be sweeping the same one; either way it goes.
+                let _ =
+                    diesel::sql_query(format!("DROP DATABASE IF EXISTS {datname} WITH (FORCE)"))
+                        .execute(&mut conn);
+            }
+        }
+    });
+}
+
+/// Environment shared by every process under test: the database, and none of the test
+/// runner's own `INTAKE__*` settings.
+fn base_command(program: &str, db: &TestDb) -> Command {
+    let mut cmd = Command::new(program);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("INTAKE__") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.current_dir(db.dir()).env("DATABASE_URL", &db.url);
+    cmd
+}
+
+/// A running `intake-server`, killed when dropped.
+pub struct Server {
+    child: Child,
+    base_url: String,
+    logs: Arc<Mutex<Vec<String>>>,
+    reader: Option<JoinHandle<()>>,
+    agent: ureq::Agent,
+}
+
+impl Server {
+    /// Starts the real server on a free port against `db`, with the embedded loader off (so
+    /// that staging keeps what the tests push), and waits until it listens.
+    pub fn start(db: &TestDb, extra_env: &[(&str, &str)]) -> Server {
+        let mut cmd = base_command(env!("CARGO_BIN_EXE_intake-server"), db);
+        cmd.env("INTAKE__SERVER__BIND", "127.0.0.1:0")
+            .env("INTAKE__LOADER__EMBEDDED", "off")
+            .env("RUST_LOG", "info")
+            .envs(extra_env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("starting intake-server");
+        let stderr = child.stderr.take().expect("the server's stderr is piped");
+
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let reader = {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                let mut addr_tx = Some(addr_tx);
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    eprintln!("[intake-server] {line}");
+                    if let Some(addr) = listening_address(&line)
+                        && let Some(tx) = addr_tx.take()
+                    {
+                        let _ = tx.send(addr);
+                    }
+                    lock(&logs).push(line);
+                }
+            })
+        };
+
+        let mut server = Server {
+            child,
+            base_url: String::new(),
+            logs,
+            reader: Some(reader),
+            agent: http_agent(),
+        };
+        match addr_rx.recv_timeout(START_TIMEOUT) {
+            Ok(addr) => server.base_url = format!("http://{addr}"),
+            Err(e) => {
+                let exit = server.child.try_wait().ok().flatten();
+                panic!(
+                    "intake-server did not report a listening address ({e}; exit status {exit:?}); \
+                     its log:\n{}",
+                    server.logs().join("\n")
+                );
+            }
+        }
+        server
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// Every line the server has written to stderr so far.
+    pub fn logs(&self) -> Vec<String> {
+        lock(&self.logs).clone()
+    }
+
+    /// Waits (up to 10 s) until a log line satisfies `matches`, and returns it. Log lines are
+    /// read on another thread, so a line about a request can arrive just after its response.
+    pub fn wait_for_log(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(line) = lock(&self.logs).iter().find(|l| matches(l)) {
+                return line.clone();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no server log line {what} within 10 s; the log:\n{}",
+                    self.logs().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Any request: `body` `None` sends no body at all. No Content-Type is added.
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Reply {
+        let mut builder = ureq::http::Request::builder()
+            .method(method)
+            .uri(self.url(path));
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let outcome = match body {
+            None => self
+                .agent
+                .run(builder.body(()).expect("a well-formed request")),
+            Some(bytes) => self
+                .agent
+                .run(builder.body(bytes.to_vec()).expect("a well-formed request")),
+        };
+        let response = outcome.unwrap_or_else(|e| panic!("{method} {path}: no HTTP answer: {e}"));
+        Reply::read(response)
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        self.request("GET", path, &[], None)
+    }
+
+    pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.request("GET", path, headers, None)
+    }
+
+    /// `GET /v2/client/{cid}/authenticate?apikey=KEY`, the way RJMetrics clients check a key.
+    pub fn authenticate(&self, client_id: i64, api_key: &str) -> Reply {
+        self.get(&format!(
+            "/v2/client/{client_id}/authenticate?apikey={api_key}"
+        ))
+    }
+
+    /// `POST /v2/client/{cid}/table/{table}/data?apikey=KEY` with a JSON body.
+    pub fn push(&self, client_id: i64, table: &str, api_key: &str, body: &str) -> Reply {
+        self.push_to("/v2", client_id, table, api_key, body)
+    }
+
+    /// [`Server::push`] to the sandbox (`/sandbox/v2`).
+    pub fn push_sandbox(&self, client_id: i64, table: &str, api_key: &str, body: &str) -> Reply {
+        self.push_to("/sandbox/v2", client_id, table, api_key, body)
+    }
+
+    fn push_to(&self, prefix: &str, client_id: i64, table: &str, key: &str, body: &str) -> Reply {
+        self.request(
+            "POST",
+            &format!("{prefix}/client/{client_id}/table/{table}/data?apikey={key}"),
+            &[("Content-Type", "application/json")],
+            Some(body.as_bytes()),
+        )
+    }
+
+    /// The server's HTTP client, for tests that need to shape a request themselves.
+    pub fn agent(&self) -> &ureq::Agent {
+        &self.agent
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// The address in the server's `intake-server listening on http://ADDR (...)` line.
+fn listening_address(line: &str) -> Option<String> {
+    let rest = &line[line.find("listening on http://")? + "listening on http://".len()..];
+    let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+    (!addr.is_empty()).then_some(addr)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An HTTP client that hands back 4xx and 5xx answers instead of turning them into errors,
+/// ignores proxy settings (everything is local) and never waits forever.
+pub fn http_agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .timeout_global(Some(HTTP_TIMEOUT))
+        .build()
+        .into()
+}
+
+/// An HTTP answer, fully read.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: ureq::http::HeaderMap,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn read(response: ureq::http::Response<ureq::Body>) -> Reply {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response
+            .into_body()
+            .read_to_string()
+            .expect("reading the response body");
+        Reply {
+            status,
+            headers,
+            text,
+        }
+    }
+
+    /// The body as JSON; fails the test if it is not JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| {
+            panic!(
+                "status {} body is not JSON ({e}): {:?}",
+                self.status, self.text
+            )
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts the status, and on failure shows the body.
+    #[track_caller]
+    pub fn assert_status(&self, expected: u16) -> &Reply {
+        assert_eq!(
+            self.status, expected,
+            "expected status {expected}, got {} with body {:?}",
+            self.status, self.text
+        );
+        self
+    }
+
+    /// Asserts that this is an error answer with `status` in the API's one error shape,
+    /// `{"code": status, "message": "...", "reasons": ["...", ...]}`, and returns the message
+    /// and the reasons.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16) -> (String, Vec<String>) {
+        self.assert_status(status);
+        let content_type = self.header("content-type").unwrap_or_default();
+        assert!(
+            content_type.starts_with("application/json"),
+            "a {status} answer must be JSON, got Content-Type {content_type:?}"
+        );
+        let body = self.json();
+        let object = body
+            .as_object()
+            .unwrap_or_else(|| panic!("error body must be an object: {body}"));
+        let mut fields: Vec<&str> = object.keys().map(String::as_str).collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            ["code", "message", "reasons"],
+            "error body fields: {body}"
+        );
+        assert_eq!(body["code"], status, "error body code: {body}");
+        let message = body["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("message must be a string: {body}"))
+            .to_owned();
+        assert!(!message.trim().is_empty(), "empty error message: {body}");
+        let reasons = body["reasons"]
+            .as_array()
+            .unwrap_or_else(|| panic!("reasons must be an array: {body}"))
+            .iter()
+            .map(|r| {
+                r.as_str()
+                    .unwrap_or_else(|| panic!("reasons must be strings: {body}"))
+                    .to_owned()
+            })
+            .collect();
+        (message, reasons)
+    }
+
+    /// Asserts a 201 push answer and returns how many records it says were accepted.
+    #[track_caller]
+    pub fn assert_created(&self) -> u64 {
+        self.assert_status(201);
+        let body = self.json();
+        assert_eq!(body["code"], 201, "push answer: {body}");
+        body["accepted"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("push answer without a count of accepted records: {body}"))
+    }
+}
+
+/// What a CLI run printed and how it ended.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    #[track_caller]
+    pub fn assert_success(&self) -> &CliOutput {
+        assert!(
+            self.status.success(),
+            "command failed ({}):\nstdout: {}\nstderr: {}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// Runs the real `intake-key-admin` with `args` against `db`, with its default settings.
+pub fn key_admin(db: &TestDb, args: &[&str]) -> CliOutput {
+    run_key_admin(db, args, &[])
+}
+
+fn run_key_admin(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> CliOutput {
+    let output = base_command(env!("CARGO_BIN_EXE_intake-key-admin"), db)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("running intake-key-admin");
+    CliOutput {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Issues a key with `intake-key-admin issue --json` and returns `(key_id, api_key)`.
+pub fn issue_key(db: &TestDb, client_id: i64, label: &str) -> (String, String) {
+    let client = client_id.to_string();
+    let out = key_admin(
+        db,
+        &["issue", "--client", &client, "--label", label, "--json"],
+    );
+    out.assert_success();
+    let issued: Value = serde_json::from_str(out.stdout.trim())
+        .unwrap_or_else(|e| panic!("issue --json printed no JSON ({e}): {:?}", out.stdout));
+    assert_eq!(issued["client_id"], client_id, "issued: {issued}");
+    assert_eq!(issued["label"], label, "issued: {issued}");
+    let text = |field: &str| {
+        issued[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("issued key has no {field}: {issued}"))
+            .to_owned()
+    };
+    (text("key_id"), text("api_key"))
+}
+
+/// `intake-key-admin revoke KEY_ID --reason REASON`.
+pub fn revoke_key(db: &TestDb, key_id: &str, reason: &str) -> CliOutput {
+    key_admin(db, &["revoke", key_id, "--reason", reason])
+}
+
+/// `intake-key-admin list` with extra arguments (e.g. `--json`, `--client N`).
+pub fn list_keys(db: &TestDb, args: &[&str]) -> CliOutput {
+    let mut all = vec!["list"];
+    all.extend_from_slice(args);
+    key_admin(db, &all)
+}
+
+/// The secret part of an API key (`intake_<key id>_<secret>`).
+pub fn secret_of(api_key: &str) -> &str {
+    api_key
+        .rsplit_once('_')
+        .map(|(_, secret)| secret)
+        .expect("an API key has a secret part")
+}
+
+/// One row of the staging table: `(client_id, table_name, seq, record)`.
+pub type StagedRow = (i64, String, i64, String);
+
+#[derive(QueryableByName)]
+struct StagedRecord {
+    #[diesel(sql_type = BigInt)]
+    client_id: i64,
+    #[diesel(sql_type = Text)]
+    table_name: String,
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = Text)]
+    record: String,
+}
+
+/// Everything in `staged_records`, read directly from the database, ordered by client, table
+/// and sequence number.
+pub fn staged_rows(db: &TestDb) -> Vec<StagedRow> {
+    let sql = "SELECT client_id, table_name, seq, record FROM staged_records \
+               ORDER BY client_id, table_name, seq";
+    let rows: Vec<StagedRecord> = match db.backend {
+        Backend::Sqlite => {
+            let path = sqlite_path(&db.url);
+            assert!(path.exists(), "no SQLite database at {}", path.display());
+            let mut conn = SqliteConnection::establish(&path.to_string_lossy())
+                .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+            diesel::sql_query(sql)
+                .load(&mut conn)
+                .expect("reading staged_records")
+        }
+        Backend::Postgres => {
+            let mut conn = PgConnection::establish(&db.url)
+                .unwrap_or_else(|e| panic!("connecting to {}: {e}", db.url));
+            diesel::sql_query(sql)
+                .load(&mut conn)
+                .expect("reading staged_records")
+        }
+    };
+    rows.into_iter()
+        .map(|r| (r.client_id, r.table_name, r.seq, r.record))
+        .collect()
+}
+
+/// Just the records in staging for one client and table, in sequence order.
+pub fn staged_records(db: &TestDb, client_id: i64, table: &str) -> Vec<String> {
+    staged_rows(db)
+        .into_iter()
+        .filter(|(c, t, _, _)| *c == client_id && t == table)
+        .map(|(_, _, _, record)| record)
+        .collect()
+}
+
+fn sqlite_path(url: &str) -> PathBuf {
+    PathBuf::from(url.strip_prefix("sqlite://").unwrap_or(url))
+}
+
+/// A key that is well formed but was never issued.
+pub fn unknown_key() -> String {
+    format!("intake_{}_{}", "zzzzzzzzzzzz", "Q".repeat(32))
+}
