@@ -91,7 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !report.errors().is_empty() {
                 bail!("load failed: {:?}", report.errors());
             }
-            println!("{}", report.loaded());
+            println!("{} {}", report.loaded(), cpu_ms_of("self").unwrap_or(0));
             Ok(())
         }
     }
@@ -167,6 +167,11 @@ fn load_scenario(backend: Backend, records: usize, chunk_size: usize) -> anyhow:
     if !output.status.success() {
         bail!("the loader child failed");
     }
+    let loader_cpu_ms: u64 = String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let rows = count(
         &mut conn,
         &format!("SELECT COUNT(*) AS n FROM {}", table_ref(backend, TABLE)),
@@ -185,14 +190,15 @@ fn load_scenario(backend: Backend, records: usize, chunk_size: usize) -> anyhow:
     let loader_rate = staged as f64 / loader_secs;
     let baseline_rate = staged as f64 / baseline_secs;
     println!(
-        "  {:<32} {:>8.2} s {:>12.0} records/s   peak RSS {} MiB",
+        "  {:<42} {:>7.2} s {:>9.0} records/s   loader CPU {:.2} s, peak RSS {} MiB",
         "intake-loader (flatten, children, upsert)",
         loader_secs,
         loader_rate,
+        loader_cpu_ms as f64 / 1000.0,
         peak_kib / 1024
     );
     println!(
-        "  {:<32} {:>8.2} s {:>12.0} records/s",
+        "  {:<42} {:>7.2} s {:>9.0} records/s",
         "baseline (set-based SQL, 1 table)", baseline_secs, baseline_rate
     );
     println!(
@@ -234,7 +240,7 @@ fn baseline_load(backend: Backend) -> String {
                SELECT (r->>'id')::bigint AS id, r#>>'{{customer,name}}', r#>>'{{customer,email}}', \
                  r#>>'{{customer,address,city}}', r#>>'{{customer,address,zip}}', r->>'status', (r->>'total')::float8, \
                  (r->>'quantity')::bigint, (r->>'gift')::boolean, (r->>'created_at')::timestamptz, r->>'note', seq \
-               FROM (SELECT seq, record::jsonb AS r FROM bench_source) s) x \
+               FROM (SELECT seq, record::jsonb AS r FROM bench_source OFFSET 0) s) x \
              ORDER BY id, seq DESC {update}"
         ),
         _ => format!(
@@ -247,6 +253,15 @@ fn baseline_load(backend: Backend) -> String {
              ORDER BY seq {update}"
         ),
     }
+}
+
+/// CPU time (user + system) a process has used so far, in ms, from /proc (Linux).
+fn cpu_ms_of(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks * 10)
 }
 
 /// Peak resident set size of a process, from /proc (Linux).

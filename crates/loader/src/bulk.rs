@@ -68,7 +68,7 @@ pub fn insert_rows(
                 sources.join(", "),
                 aliases.join(", ")
             );
-            run(conn, &sql, &params, returning)
+            run(conn, &sql, params, returning)
         }
         Dialect::Sqlite => {
             let per_statement = (SQLITE_MAX_VARIABLES / columns.len().max(1)).max(1);
@@ -86,14 +86,19 @@ pub fn insert_rows(
                     names.join(", "),
                     vec![one_row.as_str(); chunk.len()].join(", ")
                 );
-                returned.extend(run(conn, &sql, &params, returning)?);
+                returned.extend(run(conn, &sql, params, returning)?);
             }
             Ok(returned)
         }
     }
 }
 
-fn run(conn: &mut Conn<'_>, sql: &str, params: &[Param], returning: bool) -> QueryResult<Vec<i64>> {
+fn run(
+    conn: &mut Conn<'_>,
+    sql: &str,
+    params: Vec<Param>,
+    returning: bool,
+) -> QueryResult<Vec<i64>> {
     if returning {
         Ok(conn
             .load::<I64Row>(sql, params)?

@@ -3,13 +3,15 @@
 //! load lock, so it is authoritative) and evolved as new fields and types arrive; every new
 //! table and column is recorded in `_intake_tables` / `_intake_columns`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use diesel::QueryResult;
 use diesel::prelude::*;
 use diesel::sql_types::Text;
+use rustc_hash::FxHashMap;
 
 use crate::dialect::{Dialect, namespace};
+use crate::flatten::{EMPTY_PATH, path_key, path_segments};
 use crate::identifiers::{self, SYSTEM_PREFIX, quote};
 use crate::sql::{Conn, Param};
 use crate::value_types::{Cell, ColType};
@@ -38,18 +40,54 @@ pub struct TableInfo {
     pub key_columns: Vec<(String, ColType)>,
     /// For a root table, the declared key field names in key-column order.
     pub key_fields: Vec<String>,
-    /// (source path as JSON, type) → column.
-    pub columns: HashMap<(String, ColType), String>,
-    /// Source path as JSON → its first ("home") column and type.
-    pub homes: HashMap<String, (String, ColType)>,
-    /// Every column name in use, system columns included.
-    pub used: HashSet<String>,
+    /// Field path (JSON text) → its columns by value type; the first is the path's "home"
+    /// column, the others its typed siblings.
+    pub columns: FxHashMap<String, Vec<(ColType, String)>>,
+    /// Every column name in use, system columns included, with its type.
+    pub used: FxHashMap<String, ColType>,
     pub exists: bool,
+}
+
+impl TableInfo {
+    fn new(
+        name: String,
+        source: Vec<String>,
+        key_columns: Vec<(String, ColType)>,
+        exists: bool,
+    ) -> TableInfo {
+        let mut used: FxHashMap<String, ColType> = FxHashMap::default();
+        for (system, t) in [
+            (SEQ_COLUMN, ColType::BigInt),
+            (RECEIVED_COLUMN, ColType::Timestamp),
+            (LOADED_COLUMN, ColType::Timestamp),
+            (OVERFLOW_COLUMN, ColType::Json),
+        ] {
+            used.insert(system.to_owned(), t);
+        }
+        for (n, t) in &key_columns {
+            used.insert(n.clone(), *t);
+        }
+        TableInfo {
+            name,
+            source,
+            key_columns,
+            key_fields: Vec::new(),
+            columns: FxHashMap::default(),
+            used,
+            exists,
+        }
+    }
+
+    /// Whether the overflow column exists.
+    pub fn has_overflow(&self) -> bool {
+        self.columns.contains_key(OVERFLOW_PATH)
+    }
 }
 
 /// Columns or tables that the current chunk must create before writing.
 #[derive(Debug, Default)]
 pub struct PendingDdl {
+    /// Array paths (family keys) of new tables.
     pub new_tables: Vec<String>,
     pub new_columns: Vec<NewColumn>,
 }
@@ -96,24 +134,17 @@ struct ColumnRow {
 pub struct Catalog {
     pub client_id: i64,
     pub dialect: Dialect,
-    /// By source JSON (`["orders"]`, `["orders","items"]`).
-    pub tables: HashMap<String, TableInfo>,
+    pub table: String,
+    /// By array path (JSON text; the root is `[]`).
+    pub tables: FxHashMap<String, TableInfo>,
     /// Every physical table name of the client (all families), to avoid collisions.
     pub taken_names: HashSet<String>,
     pub ddl: PendingDdl,
 }
 
+/// The `_intake_tables.source` of a table: `[pushed table, array path...]` as JSON.
 pub fn source_key(source: &[String]) -> String {
     serde_json::to_string(source).unwrap_or_default()
-}
-
-fn system_columns(key_columns: &[(String, ColType)]) -> HashSet<String> {
-    let mut used: HashSet<String> = [SEQ_COLUMN, RECEIVED_COLUMN, LOADED_COLUMN, OVERFLOW_COLUMN]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    used.extend(key_columns.iter().map(|(n, _)| n.clone()));
-    used
 }
 
 /// Creates the client's namespace and system tables if they do not exist yet.
@@ -154,7 +185,7 @@ pub fn ensure_namespace(conn: &mut Conn<'_>, client_id: i64) -> QueryResult<()> 
     let ph = d.placeholder(1);
     conn.execute(
         &format!("INSERT INTO warehouse_clients (client_id) VALUES ({ph}) ON CONFLICT (client_id) DO NOTHING"),
-        &[Param::Int(Some(client_id))],
+        vec![Param::Int(Some(client_id))],
     )?;
     Ok(())
 }
@@ -168,11 +199,11 @@ impl Catalog {
                 "SELECT table_name, source, key_columns FROM {}",
                 dialect.table_ref(client_id, TABLES_TABLE)
             ),
-            &[],
+            [],
         )?;
         let taken_names = tables.iter().map(|t| t.table_name.clone()).collect();
-        let mut family = HashMap::new();
-        let mut by_name = HashMap::new();
+        let mut family: FxHashMap<String, TableInfo> = FxHashMap::default();
+        let mut by_name: FxHashMap<String, String> = FxHashMap::default();
         for row in tables {
             let source: Vec<String> = serde_json::from_str(&row.source).unwrap_or_default();
             if source.first().map(String::as_str) != Some(table) {
@@ -184,18 +215,12 @@ impl Catalog {
                 .into_iter()
                 .filter_map(|(n, t)| ColType::parse(&t).map(|t| (n, t)))
                 .collect();
-            let info = TableInfo {
-                name: row.table_name.clone(),
-                used: system_columns(&key_columns),
-                key_fields: Vec::new(),
-                key_columns,
-                source: source.clone(),
-                columns: HashMap::new(),
-                homes: HashMap::new(),
-                exists: true,
-            };
-            by_name.insert(row.table_name, source_key(&source));
-            family.insert(source_key(&source), info);
+            let array_path = path_key(&source[1..]);
+            by_name.insert(row.table_name.clone(), array_path.clone());
+            family.insert(
+                array_path,
+                TableInfo::new(row.table_name, source, key_columns, true),
+            );
         }
         if !by_name.is_empty() {
             let names: Vec<Option<String>> = by_name.keys().cloned().map(Some).collect();
@@ -206,7 +231,7 @@ impl Catalog {
                     dialect.table_ref(client_id, COLUMNS_TABLE),
                     dialect.list_param(1, ColType::Text)
                 ),
-                &[Param::TextArray(names)],
+                vec![Param::TextArray(names)],
             )?;
             for c in columns {
                 let Some(info) = by_name.get(&c.table_name).and_then(|k| family.get_mut(k)) else {
@@ -215,23 +240,24 @@ impl Catalog {
                 let Some(t) = ColType::parse(&c.value_type) else {
                     continue;
                 };
-                info.used.insert(c.column_name.clone());
-                info.homes
-                    .entry(c.source_path.clone())
-                    .or_insert((c.column_name.clone(), t));
-                info.columns.insert((c.source_path, t), c.column_name);
+                if c.column_name != OVERFLOW_COLUMN {
+                    info.used.insert(c.column_name.clone(), t);
+                }
+                info.columns
+                    .entry(c.source_path)
+                    .or_default()
+                    .push((t, c.column_name));
             }
         }
-        // Key field names of the root, recovered from its key columns' home paths.
-        if let Some(root) = family.get_mut(&source_key(&[table.to_owned()])) {
+        // Key field names of the root, recovered from its key columns' paths.
+        if let Some(root) = family.get_mut(EMPTY_PATH) {
             let mut fields = Vec::new();
             for (col, _) in &root.key_columns {
                 let field = root
-                    .homes
+                    .columns
                     .iter()
-                    .find(|(_, (c, _))| c == col)
-                    .and_then(|(path, _)| serde_json::from_str::<Vec<String>>(path).ok())
-                    .and_then(|p| p.into_iter().next());
+                    .find(|(_, cols)| cols.first().is_some_and(|(_, c)| c == col))
+                    .and_then(|(path, _)| path_segments(path).into_iter().next());
                 fields.push(field.unwrap_or_default());
             }
             root.key_fields = fields;
@@ -239,6 +265,7 @@ impl Catalog {
         Ok(Catalog {
             client_id,
             dialect,
+            table: table.to_owned(),
             tables: family,
             taken_names,
             ddl: PendingDdl::default(),
@@ -259,55 +286,28 @@ impl Catalog {
     }
 
     /// Creates (in the catalog; DDL follows) the root table with the given key fields.
-    pub fn create_root(
-        &mut self,
-        table: &str,
-        key_fields: &[String],
-        key_types: &[ColType],
-    ) -> String {
-        let source = vec![table.to_owned()];
+    pub fn create_root(&mut self, key_fields: &[String], key_types: &[ColType]) {
+        let source = vec![self.table.clone()];
         let name = self.allocate_table_name(&source);
-        let mut info = TableInfo {
-            name: name.clone(),
-            source: source.clone(),
-            key_columns: Vec::new(),
-            key_fields: key_fields.to_vec(),
-            columns: HashMap::new(),
-            homes: HashMap::new(),
-            used: system_columns(&[]),
-            exists: false,
-        };
+        let mut info = TableInfo::new(name, source, Vec::new(), false);
+        info.key_fields = key_fields.to_vec();
         let mut key_columns = Vec::new();
         for (field, t) in key_fields.iter().zip(key_types) {
-            let col = assign_home_keyed(
-                &mut info,
-                std::slice::from_ref(field),
-                *t,
-                &mut self.ddl,
-                &source_key(&source),
-            );
+            let path = path_key(std::slice::from_ref(field));
+            let col = assign_column(&mut info, &path, *t, &mut self.ddl, EMPTY_PATH, true);
             key_columns.push((col, *t));
         }
         info.key_columns = key_columns;
-        self.ddl.new_tables.push(source_key(&source));
-        self.tables.insert(source_key(&source), info);
-        name
+        self.ddl.new_tables.push(EMPTY_PATH.to_owned());
+        self.tables.insert(EMPTY_PATH.to_owned(), info);
     }
 
     /// The child table for an array path, created in the catalog if new.
-    pub fn child_table(
-        &mut self,
-        root_table: &str,
-        array_path: &[String],
-        levels: usize,
-    ) -> QueryResult<&mut TableInfo> {
-        let mut source = vec![root_table.to_owned()];
-        source.extend(array_path.iter().cloned());
-        let key = source_key(&source);
-        if !self.tables.contains_key(&key) {
+    pub fn child_table(&mut self, array_path: &str, levels: usize) -> QueryResult<&mut TableInfo> {
+        if !self.tables.contains_key(array_path) {
             let root = self
                 .tables
-                .get(&source_key(&[root_table.to_owned()]))
+                .get(EMPTY_PATH)
                 .ok_or(diesel::result::Error::NotFound)?;
             let mut key_columns: Vec<(String, ColType)> = root
                 .key_columns
@@ -317,22 +317,17 @@ impl Catalog {
             for level in 0..levels {
                 key_columns.push((format!("_intake_pos_{level}"), ColType::BigInt));
             }
+            let mut source = vec![self.table.clone()];
+            source.extend(path_segments(array_path));
             let name = self.allocate_table_name(&source);
-            let info = TableInfo {
-                name,
-                source: source.clone(),
-                used: system_columns(&key_columns),
-                key_columns,
-                key_fields: Vec::new(),
-                columns: HashMap::new(),
-                homes: HashMap::new(),
-                exists: false,
-            };
-            self.ddl.new_tables.push(key.clone());
-            self.tables.insert(key.clone(), info);
+            self.ddl.new_tables.push(array_path.to_owned());
+            self.tables.insert(
+                array_path.to_owned(),
+                TableInfo::new(name, source, key_columns, false),
+            );
         }
         self.tables
-            .get_mut(&key)
+            .get_mut(array_path)
             .ok_or(diesel::result::Error::NotFound)
     }
 
@@ -340,17 +335,16 @@ impl Catalog {
     pub fn apply_ddl(&mut self, conn: &mut Conn<'_>) -> QueryResult<()> {
         let d = self.dialect;
         let client = self.client_id;
-        let new_tables = std::mem::take(&mut self.ddl.new_tables);
-        for key in &new_tables {
-            let Some(info) = self.tables.get_mut(key) else {
+        for key in std::mem::take(&mut self.ddl.new_tables) {
+            let Some(info) = self.tables.get_mut(&key) else {
                 continue;
             };
+            let ts = d.sql_type(ColType::Timestamp);
             let mut cols: Vec<String> = info
                 .key_columns
                 .iter()
                 .map(|(n, t)| format!("{} {} NOT NULL", quote(n), d.sql_type(*t)))
                 .collect();
-            let ts = d.sql_type(ColType::Timestamp);
             cols.push(format!(
                 "{} {} NOT NULL",
                 quote(SEQ_COLUMN),
@@ -372,17 +366,15 @@ impl Catalog {
                 .iter()
                 .map(|(n, t)| (n.clone(), t.as_str()))
                 .collect();
+            let ph: Vec<String> = (1..=4).map(|i| d.placeholder(i)).collect();
             conn.execute(
                 &format!(
-                    "INSERT INTO {} (table_name, source, parent, key_columns, created_at) VALUES ({}, {}, {}, {}, {})",
+                    "INSERT INTO {} (table_name, source, parent, key_columns, created_at) VALUES ({}, {})",
                     d.table_ref(client, TABLES_TABLE),
-                    d.placeholder(1),
-                    d.placeholder(2),
-                    d.placeholder(3),
-                    d.placeholder(4),
+                    ph.join(", "),
                     d.now()
                 ),
-                &[
+                vec![
                     Param::Text(Some(info.name.clone())),
                     Param::Text(Some(source_key(&info.source))),
                     Param::Text(parent.map(|p| source_key(&p))),
@@ -391,45 +383,58 @@ impl Catalog {
             )?;
             info.exists = true;
         }
-        let new_columns = std::mem::take(&mut self.ddl.new_columns);
+        let mut additions: FxHashMap<String, Vec<String>> = FxHashMap::default();
         for NewColumn {
             table_key,
             column,
             value_type: t,
             path,
             add,
-        } in new_columns
+        } in std::mem::take(&mut self.ddl.new_columns)
         {
             let Some(info) = self.tables.get(&table_key) else {
                 continue;
             };
             let is_key = info.key_columns.iter().any(|(n, _)| *n == column);
             if add && !is_key {
-                conn.batch(&format!(
-                    "ALTER TABLE {} ADD COLUMN {} {}",
-                    d.table_ref(client, &info.name),
-                    quote(&column),
-                    d.sql_type(t)
-                ))?;
+                additions
+                    .entry(table_key.clone())
+                    .or_default()
+                    .push(format!("ADD COLUMN {} {}", quote(&column), d.sql_type(t)));
             }
+            let ph: Vec<String> = (1..=4).map(|i| d.placeholder(i)).collect();
             conn.execute(
                 &format!(
                     "INSERT INTO {} (table_name, source_path, value_type, column_name, created_at) \
-                     VALUES ({}, {}, {}, {}, {}) ON CONFLICT DO NOTHING",
+                     VALUES ({}, {}) ON CONFLICT DO NOTHING",
                     d.table_ref(client, COLUMNS_TABLE),
-                    d.placeholder(1),
-                    d.placeholder(2),
-                    d.placeholder(3),
-                    d.placeholder(4),
+                    ph.join(", "),
                     d.now()
                 ),
-                &[
+                vec![
                     Param::Text(Some(info.name.clone())),
                     Param::Text(Some(path)),
                     Param::Text(Some(t.as_str().to_owned())),
                     Param::Text(Some(column)),
                 ],
             )?;
+        }
+        for (table_key, clauses) in additions {
+            let Some(info) = self.tables.get(&table_key) else {
+                continue;
+            };
+            let table = d.table_ref(client, &info.name);
+            match d {
+                // One statement for all of a table's new columns.
+                Dialect::Postgres => {
+                    conn.batch(&format!("ALTER TABLE {table} {}", clauses.join(", ")))?
+                }
+                Dialect::Sqlite => {
+                    for clause in clauses {
+                        conn.batch(&format!("ALTER TABLE {table} {clause}"))?;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -450,36 +455,34 @@ pub enum Placement {
     Overflow,
 }
 
-/// Finds or allocates the column for a cell at `path` in table `table_key`.
-pub fn place_cell(
-    catalog: &mut Catalog,
-    table_key: &str,
-    path: &[String],
-    cell: &Cell,
-) -> Placement {
+/// Finds or allocates the column for a cell at `path` (JSON text) in table `table_key`.
+pub fn place_cell(catalog: &mut Catalog, table_key: &str, path: &str, cell: &Cell) -> Placement {
     let Catalog { tables, ddl, .. } = catalog;
     let Some(info) = tables.get_mut(table_key) else {
         return Placement::Overflow;
     };
-    let path_key = source_key(path);
     let t = cell.col_type();
-    if let Some(col) = info.columns.get(&(path_key.clone(), t)) {
-        return if col == OVERFLOW_COLUMN {
-            Placement::Overflow
-        } else {
-            Placement::Column(col.clone(), cell.clone())
-        };
-    }
-    if let Some((home, home_type)) = info.homes.get(&path_key).cloned()
-        && home != OVERFLOW_COLUMN
-        && let Some(coerced) = cell.coerce_to(home_type)
-    {
-        return Placement::Column(home, coerced);
+    if let Some(columns) = info.columns.get(path) {
+        if let Some((_, col)) = columns.iter().find(|(ct, _)| *ct == t) {
+            return if col == OVERFLOW_COLUMN {
+                Placement::Overflow
+            } else {
+                Placement::Column(col.clone(), cell.clone())
+            };
+        }
+        if let Some((home_type, home)) = columns.first()
+            && home != OVERFLOW_COLUMN
+            && let Some(coerced) = cell.coerce_to(*home_type)
+        {
+            return Placement::Column(home.clone(), coerced);
+        }
     }
     if info.used.len() >= MAX_COLUMNS {
-        let overflow_key = (OVERFLOW_PATH.to_owned(), ColType::Json);
-        if let std::collections::hash_map::Entry::Vacant(slot) = info.columns.entry(overflow_key) {
-            slot.insert(OVERFLOW_COLUMN.to_owned());
+        if !info.has_overflow() {
+            info.columns.insert(
+                OVERFLOW_PATH.to_owned(),
+                vec![(ColType::Json, OVERFLOW_COLUMN.to_owned())],
+            );
             ddl.new_columns.push(NewColumn {
                 table_key: table_key.to_owned(),
                 column: OVERFLOW_COLUMN.to_owned(),
@@ -489,99 +492,101 @@ pub fn place_cell(
             });
         }
         info.columns
-            .insert((path_key.clone(), t), OVERFLOW_COLUMN.to_owned());
-        info.homes
-            .entry(path_key.clone())
-            .or_insert((OVERFLOW_COLUMN.to_owned(), t));
+            .entry(path.to_owned())
+            .or_default()
+            .push((t, OVERFLOW_COLUMN.to_owned()));
         ddl.new_columns.push(NewColumn {
             table_key: table_key.to_owned(),
             column: OVERFLOW_COLUMN.to_owned(),
             value_type: t,
-            path: path_key,
+            path: path.to_owned(),
             add: false,
         });
         return Placement::Overflow;
     }
-    let has_home = info.homes.contains_key(&path_key);
-    let column = if has_home {
-        assign_sibling(info, path, t, ddl, table_key)
-    } else {
-        assign_home_keyed(info, path, t, ddl, table_key)
+    let home = info
+        .columns
+        .get(path)
+        .and_then(|c| c.first())
+        .map(|(_, n)| n.clone());
+    let column = match home {
+        Some(home) => assign_sibling(info, path, &home, t, ddl, table_key),
+        None => assign_column(info, path, t, ddl, table_key, false),
     };
     Placement::Column(column, cell.clone())
 }
 
-fn assign_home_keyed(
+/// A new home column for a path: its preferred name, or the hashed one if that is taken or
+/// reserved. Key columns are created with their table, not added.
+fn assign_column(
     info: &mut TableInfo,
-    path: &[String],
+    path: &str,
     t: ColType,
     ddl: &mut PendingDdl,
     table_key: &str,
+    key: bool,
 ) -> String {
-    let preferred = if path.is_empty() {
+    let segments = path_segments(path);
+    let preferred = if segments.is_empty() {
         crate::flatten::ELEMENT_SEGMENT.to_owned()
     } else {
-        identifiers::preferred_name(path)
+        identifiers::preferred_name(&segments)
     };
-    let name = if info.used.contains(&preferred) || preferred.starts_with(SYSTEM_PREFIX) {
-        identifiers::disambiguated_name(&with_marker(path))
+    let name = if info.used.contains_key(&preferred) || preferred.starts_with(SYSTEM_PREFIX) {
+        identifiers::disambiguated_name(&with_marker(segments))
     } else {
         preferred
     };
-    register(info, path, t, name, ddl, table_key, true)
+    register(info, path, t, name, ddl, table_key, !key)
 }
 
 fn assign_sibling(
     info: &mut TableInfo,
-    path: &[String],
+    path: &str,
+    home: &str,
     t: ColType,
     ddl: &mut PendingDdl,
     table_key: &str,
 ) -> String {
-    let home = info
-        .homes
-        .get(&source_key(path))
-        .map(|(h, _)| h.clone())
-        .unwrap_or_default();
-    let mut name = identifiers::with_suffix(&home, t.sibling_suffix(), path);
-    if info.used.contains(&name) {
-        let mut marked = with_marker(path);
+    let segments = path_segments(path);
+    let mut name = identifiers::with_suffix(home, t.sibling_suffix(), &segments);
+    if info.used.contains_key(&name) {
+        let mut marked = with_marker(segments);
         marked.push(t.as_str().to_owned());
         name = identifiers::disambiguated_name(&marked);
     }
-    register(info, path, t, name, ddl, table_key, false)
+    register(info, path, t, name, ddl, table_key, true)
 }
 
 /// Paths of scalar array elements are empty; give hashing something to work with.
-fn with_marker(path: &[String]) -> Vec<String> {
-    if path.is_empty() {
+fn with_marker(segments: Vec<String>) -> Vec<String> {
+    if segments.is_empty() {
         vec![crate::flatten::ELEMENT_SEGMENT.to_owned(), String::new()]
     } else {
-        path.to_vec()
+        segments
     }
 }
 
 fn register(
     info: &mut TableInfo,
-    path: &[String],
+    path: &str,
     t: ColType,
     name: String,
     ddl: &mut PendingDdl,
     table_key: &str,
-    home: bool,
+    add: bool,
 ) -> String {
-    let path_key = source_key(path);
-    info.used.insert(name.clone());
-    info.columns.insert((path_key.clone(), t), name.clone());
-    if home {
-        info.homes.insert(path_key.clone(), (name.clone(), t));
-    }
+    info.used.insert(name.clone(), t);
+    info.columns
+        .entry(path.to_owned())
+        .or_default()
+        .push((t, name.clone()));
     ddl.new_columns.push(NewColumn {
         table_key: table_key.to_owned(),
         column: name.clone(),
         value_type: t,
-        path: path_key,
-        add: true,
+        path: path.to_owned(),
+        add,
     });
     name
 }

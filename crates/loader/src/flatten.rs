@@ -1,25 +1,27 @@
 //! Turns one JSON record into rows: the root row (nested objects flattened into
 //! `parent__child` paths) and one row per array element for the child tables
 //! (`<table>__<field>`, recursively for arrays inside arrays).
+//!
+//! Field paths are carried as their JSON text (`["customer","address","city"]`): one string
+//! per cell that is at once the catalog's lookup key and a lossless record of the original
+//! names, which are only decoded when a new column has to be named.
 
 use serde_json::{Map, Value};
 
 use crate::value_types::{Cell, scalar_cell};
 
-/// A field path from the record (or array element) root, e.g. `["address", "zip"]`.
-pub type Path = Vec<String>;
-
-/// A row of one table: its non-null cells by field path.
+/// A row of one table: its non-null cells by field path (JSON text of the path).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Row {
-    pub cells: Vec<(Path, Cell)>,
+    pub cells: Vec<(String, Cell)>,
 }
 
 /// One array element's row in a child table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChildRow {
-    /// Path of the array from the record root, through enclosing arrays; names the table.
-    pub array_path: Path,
+    /// JSON text of the array's path from the record root (through enclosing arrays); it
+    /// identifies the child table within the record's table family.
+    pub array_path: String,
     /// Position of the element in each enclosing array, outermost first.
     pub positions: Vec<i64>,
     pub row: Row,
@@ -38,6 +40,59 @@ pub struct FlatRecord {
 
 /// Path segment used for arrays nested directly in arrays, and the column of scalar elements.
 pub const ELEMENT_SEGMENT: &str = "value";
+/// The path of the table family's root (and of a scalar array element's value).
+pub const EMPTY_PATH: &str = "[]";
+
+/// A path under construction: its JSON text without the closing bracket.
+#[derive(Clone)]
+struct OpenPath(String);
+
+impl OpenPath {
+    fn root() -> OpenPath {
+        OpenPath("[".to_owned())
+    }
+
+    fn child(&self, segment: &str) -> OpenPath {
+        let mut text = String::with_capacity(self.0.len() + segment.len() + 3);
+        text.push_str(&self.0);
+        if self.0.len() > 1 {
+            text.push(',');
+        }
+        text.push_str(&serde_json::to_string(segment).unwrap_or_default());
+        OpenPath(text)
+    }
+
+    fn closed(&self) -> String {
+        let mut text = String::with_capacity(self.0.len() + 1);
+        text.push_str(&self.0);
+        text.push(']');
+        text
+    }
+
+    /// This path's segments appended to `prefix` (for nested arrays' table paths).
+    fn appended_to(&self, prefix: &OpenPath) -> OpenPath {
+        let inner = &self.0[1..];
+        if inner.is_empty() {
+            return prefix.clone();
+        }
+        let mut text = prefix.0.clone();
+        if text.len() > 1 {
+            text.push(',');
+        }
+        text.push_str(inner);
+        OpenPath(text)
+    }
+}
+
+/// The JSON text of a path made of `segments`.
+pub fn path_key(segments: &[String]) -> String {
+    serde_json::to_string(segments).unwrap_or_else(|_| EMPTY_PATH.to_owned())
+}
+
+/// The segments of a path's JSON text.
+pub fn path_segments(key: &str) -> Vec<String> {
+    serde_json::from_str(key).unwrap_or_default()
+}
 
 /// Flattens a record; `Err` says why it cannot be loaded.
 pub fn flatten_record(text: &str) -> Result<FlatRecord, String> {
@@ -61,85 +116,85 @@ pub fn flatten_record(text: &str) -> Result<FlatRecord, String> {
         ..FlatRecord::default()
     };
     let mut root = Row::default();
-    flatten_object(&fields, &mut Vec::new(), &[], &[], &mut root, &mut out);
+    let context = ArrayContext {
+        table_path: OpenPath::root(),
+        positions: Vec::new(),
+    };
+    flatten_object(fields, &OpenPath::root(), &context, &mut root, &mut out);
     out.root = root;
     out.has_nul |= out.keys.iter().any(|k| k.contains('\0'));
     Ok(out)
 }
 
-/// Adds an object's fields to `row` under `prefix`; arrays become child rows.
+/// Where the row being filled lives: its table's array path and element positions.
+struct ArrayContext {
+    table_path: OpenPath,
+    positions: Vec<i64>,
+}
+
 fn flatten_object(
-    fields: &Map<String, Value>,
-    prefix: &mut Path,
-    array_path: &[String],
-    positions: &[i64],
+    fields: Map<String, Value>,
+    prefix: &OpenPath,
+    at: &ArrayContext,
     row: &mut Row,
     out: &mut FlatRecord,
 ) {
     for (name, value) in fields {
         out.has_nul |= name.contains('\0');
-        prefix.push(name.clone());
-        flatten_value(value, prefix, array_path, positions, row, out);
-        prefix.pop();
+        flatten_value(value, &prefix.child(&name), at, row, out);
     }
 }
 
 fn flatten_value(
-    value: &Value,
-    path: &mut Path,
-    array_path: &[String],
-    positions: &[i64],
+    value: Value,
+    path: &OpenPath,
+    at: &ArrayContext,
     row: &mut Row,
     out: &mut FlatRecord,
 ) {
     match value {
         Value::Null => {}
-        Value::Object(fields) => flatten_object(fields, path, array_path, positions, row, out),
+        Value::Object(fields) => flatten_object(fields, path, at, row, out),
         Value::Array(items) => {
-            let mut child_path = array_path.to_vec();
-            child_path.extend(path.iter().cloned());
-            for (index, item) in items.iter().enumerate() {
-                let mut child_positions = positions.to_vec();
-                child_positions.push(index as i64);
+            let table_path = path.appended_to(&at.table_path);
+            let array_path = table_path.closed();
+            for (index, item) in items.into_iter().enumerate() {
+                let mut positions = at.positions.clone();
+                positions.push(index as i64);
+                let inner = ArrayContext {
+                    table_path: table_path.clone(),
+                    positions,
+                };
                 let mut child = Row::default();
                 match item {
-                    Value::Object(fields) => flatten_object(
-                        fields,
-                        &mut Vec::new(),
-                        &child_path,
-                        &child_positions,
+                    Value::Object(fields) => {
+                        flatten_object(fields, &OpenPath::root(), &inner, &mut child, out)
+                    }
+                    Value::Array(_) => flatten_value(
+                        item,
+                        &OpenPath::root().child(ELEMENT_SEGMENT),
+                        &inner,
                         &mut child,
                         out,
                     ),
-                    Value::Array(_) => {
-                        let mut element = vec![ELEMENT_SEGMENT.to_owned()];
-                        flatten_value(
-                            item,
-                            &mut element,
-                            &child_path,
-                            &child_positions,
-                            &mut child,
-                            out,
-                        );
-                    }
                     scalar => {
-                        if let Some(cell) = scalar_cell(scalar) {
+                        if let Some(cell) = scalar_cell(&scalar) {
                             note_nul(&cell, out);
-                            child.cells.push((Vec::new(), cell));
+                            child.cells.push((EMPTY_PATH.to_owned(), cell));
                         }
                     }
                 }
                 out.children.push(ChildRow {
-                    array_path: child_path.clone(),
-                    positions: child_positions,
+                    array_path: array_path.clone(),
+                    positions: inner.positions,
                     row: child,
                 });
             }
         }
         scalar => {
-            if let Some(cell) = scalar_cell(scalar) {
+            if let Some(cell) = scalar_cell(&scalar) {
                 note_nul(&cell, out);
-                row.cells.push((path.clone(), cell));
+                row.cells.push((path.closed(), cell));
             }
         }
     }
@@ -155,10 +210,6 @@ fn note_nul(cell: &Cell, out: &mut FlatRecord) {
 mod tests {
     use super::*;
 
-    fn p(parts: &[&str]) -> Path {
-        parts.iter().map(|s| s.to_string()).collect()
-    }
-
     #[test]
     fn objects_flatten_and_arrays_become_child_rows() {
         let rec = flatten_record(
@@ -168,35 +219,50 @@ mod tests {
         )
         .expect("flattens");
         assert_eq!(rec.keys, vec!["id"]);
-        let root: Vec<Path> = rec.root.cells.iter().map(|(p, _)| p.clone()).collect();
+        let root: Vec<&str> = rec.root.cells.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(
             root,
             vec![
-                p(&["customer", "address", "zip"]),
-                p(&["customer", "name"]),
-                p(&["id"])
+                r#"["customer","address","zip"]"#,
+                r#"["customer","name"]"#,
+                r#"["id"]"#
             ]
         );
-        let tables: Vec<(Path, Vec<i64>)> = rec
+        let tables: Vec<(&str, Vec<i64>)> = rec
             .children
             .iter()
-            .map(|c| (c.array_path.clone(), c.positions.clone()))
+            .map(|c| (c.array_path.as_str(), c.positions.clone()))
             .collect();
         assert_eq!(
             tables,
             vec![
-                (p(&["grid", "value"]), vec![0, 0]),
-                (p(&["grid", "value"]), vec![0, 1]),
-                (p(&["grid"]), vec![0]),
-                (p(&["items", "tags"]), vec![0, 0]),
-                (p(&["items", "tags"]), vec![0, 1]),
-                (p(&["items"]), vec![0]),
-                (p(&["items"]), vec![1]),
+                (r#"["grid","value"]"#, vec![0, 0]),
+                (r#"["grid","value"]"#, vec![0, 1]),
+                (r#"["grid"]"#, vec![0]),
+                (r#"["items","tags"]"#, vec![0, 0]),
+                (r#"["items","tags"]"#, vec![0, 1]),
+                (r#"["items"]"#, vec![0]),
+                (r#"["items"]"#, vec![1]),
             ]
         );
-        let tag = &rec.children[4].row.cells[0];
-        assert_eq!(tag, &(Vec::new(), Cell::Text("y".into())));
+        assert_eq!(
+            rec.children[4].row.cells[0],
+            (EMPTY_PATH.to_owned(), Cell::Text("y".into()))
+        );
+        assert_eq!(rec.children[5].row.cells[1].0, r#"["sku"]"#);
         assert!(!rec.has_nul);
+    }
+
+    #[test]
+    fn odd_field_names_round_trip_through_path_keys() {
+        let rec =
+            flatten_record(r#"{"k": 1, "keys": ["k"], "a\"b": {"[,]": true}}"#).expect("flattens");
+        let key = &rec.root.cells[0].0;
+        assert_eq!(
+            path_segments(key),
+            vec!["a\"b".to_owned(), "[,]".to_owned()]
+        );
+        assert_eq!(&path_key(&path_segments(key)), key);
     }
 
     #[test]

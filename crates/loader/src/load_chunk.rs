@@ -3,18 +3,18 @@
 //! never overwrites a newer one), replace the winners' child rows, record rejections, remove
 //! the chunk from staging and note the load in the history.
 
-use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use diesel::QueryResult;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::bulk::{Val, insert_rows};
 use crate::catalog::{
-    self, Catalog, HISTORY_TABLE, LOADED_COLUMN, OVERFLOW_COLUMN, Placement, RECEIVED_COLUMN,
-    REJECTED_TABLE, SEQ_COLUMN, TableInfo, place_cell, source_key,
+    Catalog, HISTORY_TABLE, LOADED_COLUMN, OVERFLOW_COLUMN, Placement, RECEIVED_COLUMN,
+    REJECTED_TABLE, SEQ_COLUMN, TableInfo, place_cell,
 };
 use crate::dialect::Dialect;
-use crate::flatten::{FlatRecord, flatten_record};
+use crate::flatten::{EMPTY_PATH, FlatRecord, flatten_record, path_key, path_segments};
 use crate::identifiers::quote;
 use crate::queue::{self, Staged};
 use crate::sql::{Conn, Param};
@@ -39,7 +39,7 @@ struct Accepted<'a> {
 /// the sequence and received-at time of the record it came from.
 struct PendingRow {
     keys: Vec<Val>,
-    values: HashMap<usize, Val>,
+    values: Vec<(usize, Val)>,
     overflow: serde_json::Map<String, serde_json::Value>,
     seq: i64,
     received: Val,
@@ -49,7 +49,7 @@ struct PendingRow {
 #[derive(Default)]
 struct TableRows {
     columns: Vec<String>,
-    index: HashMap<String, usize>,
+    index: FxHashMap<String, usize>,
     rows: Vec<PendingRow>,
 }
 
@@ -75,7 +75,6 @@ pub fn load_chunk(
     let started_at = intake_core::timestamps::now();
     let dialect = conn.dialect();
     let mut catalog = Catalog::load(conn, client_id, table)?;
-    let root_key = source_key(&[table.to_owned()]);
     let mut rejected: Vec<(&Staged, String)> = Vec::new();
     let mut accepted: Vec<Accepted<'_>> = Vec::new();
     for staged in chunk {
@@ -93,18 +92,16 @@ pub fn load_chunk(
             ));
             continue;
         }
-        if !catalog.tables.contains_key(&root_key) {
+        if !catalog.tables.contains_key(EMPTY_PATH) {
             match key_types(&flat) {
-                Ok(types) => {
-                    catalog.create_root(table, &flat.keys, &types);
-                }
+                Ok(types) => catalog.create_root(&flat.keys, &types),
                 Err(why) => {
                     rejected.push((staged, why));
                     continue;
                 }
             }
         }
-        let Some(root) = catalog.tables.get(&root_key) else {
+        let Some(root) = catalog.tables.get(EMPTY_PATH) else {
             continue;
         };
         match key_values(&flat, root) {
@@ -116,92 +113,93 @@ pub fn load_chunk(
             Err(why) => rejected.push((staged, why)),
         }
     }
+    let t_flatten = started.elapsed();
 
     // Newest record per key wins within the chunk (the chunk is in sequence order).
-    let mut newest: HashMap<String, usize> = HashMap::new();
+    let mut newest: FxHashMap<String, usize> = FxHashMap::default();
     for (i, a) in accepted.iter().enumerate() {
         newest.insert(format!("{:?}", a.key_values), i);
     }
     let mut candidates: Vec<usize> = newest.into_values().collect();
     candidates.sort_unstable();
 
-    let pre_existing: HashSet<String> = catalog
+    let pre_existing: Vec<String> = catalog
         .tables
         .iter()
         .filter(|(_, t)| t.exists)
         .map(|(k, _)| k.clone())
         .collect();
-    let mut per_table: HashMap<String, TableRows> = HashMap::new();
+    let key_paths: Vec<String> = catalog
+        .tables
+        .get(EMPTY_PATH)
+        .map(|r| {
+            r.key_fields
+                .iter()
+                .map(|f| path_key(std::slice::from_ref(f)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut per_table: FxHashMap<String, TableRows> = FxHashMap::default();
     for &i in &candidates {
         let a = &accepted[i];
         let seq = a.staged.seq;
         let received = Val::Time(a.staged.received_at);
-        let key_fields = catalog
-            .tables
-            .get(&root_key)
-            .map(|r| r.key_fields.clone())
-            .unwrap_or_default();
-        let mut values = HashMap::new();
-        let mut overflow = serde_json::Map::new();
-        let rows = per_table.entry(root_key.clone()).or_default();
-        for (path, cell) in &a.flat.root.cells {
-            if path.len() == 1 && key_fields.contains(&path[0]) {
-                continue;
-            }
-            match place_cell(&mut catalog, &root_key, path, cell) {
-                Placement::Column(name, stored) => {
-                    values.insert(rows.column(&name), to_val(stored));
-                }
-                Placement::Overflow => {
-                    overflow.insert(path.join("."), cell.to_json());
-                }
-            }
-        }
-        rows.rows.push(PendingRow {
-            keys: a.key_values.clone(),
-            values,
-            overflow,
-            seq,
-            received: received.clone(),
-        });
-        for child in &a.flat.children {
-            let info = catalog.child_table(table, &child.array_path, child.positions.len())?;
-            let child_key = source_key(&info.source);
-            let mut keys = a.key_values.clone();
-            keys.extend(child.positions.iter().map(|p| Val::Int(*p)));
-            let mut values = HashMap::new();
-            let mut overflow = serde_json::Map::new();
-            let rows = per_table.entry(child_key.clone()).or_default();
-            for (path, cell) in &child.row.cells {
-                match place_cell(&mut catalog, &child_key, path, cell) {
-                    Placement::Column(name, stored) => {
-                        values.insert(rows.column(&name), to_val(stored));
-                    }
-                    Placement::Overflow => {
-                        overflow.insert(path.join("."), cell.to_json());
-                    }
-                }
-            }
-            rows.rows.push(PendingRow {
-                keys,
-                values,
-                overflow,
+        let cells = a
+            .flat
+            .root
+            .cells
+            .iter()
+            .filter(|(path, _)| !key_paths.contains(path));
+        let row = assemble_row(&mut catalog, &mut per_table, EMPTY_PATH, cells);
+        per_table
+            .entry(EMPTY_PATH.to_owned())
+            .or_default()
+            .rows
+            .push(PendingRow {
+                keys: a.key_values.clone(),
+                values: row.0,
+                overflow: row.1,
                 seq,
                 received: received.clone(),
             });
+        for child in &a.flat.children {
+            catalog.child_table(&child.array_path, child.positions.len())?;
+            let row = assemble_row(
+                &mut catalog,
+                &mut per_table,
+                &child.array_path,
+                child.row.cells.iter(),
+            );
+            let mut keys = a.key_values.clone();
+            keys.extend(child.positions.iter().map(|p| Val::Int(*p)));
+            per_table
+                .entry(child.array_path.clone())
+                .or_default()
+                .rows
+                .push(PendingRow {
+                    keys,
+                    values: row.0,
+                    overflow: row.1,
+                    seq,
+                    received: received.clone(),
+                });
         }
     }
+    let t_place = started.elapsed();
     catalog.apply_ddl(conn)?;
+    let t_ddl = started.elapsed();
 
     let loaded_at = Val::Time(intake_core::timestamps::now());
     let mut winners: Vec<i64> = Vec::new();
-    if let (Some(root), Some(rows)) = (catalog.tables.get(&root_key), per_table.remove(&root_key)) {
+    if let (Some(root), Some(rows)) = (catalog.tables.get(EMPTY_PATH), per_table.remove(EMPTY_PATH))
+    {
         winners = write_table(conn, &catalog, root, rows, &loaded_at, true)?;
     }
+    let t_root = started.elapsed();
     // A replaced record's old child rows go, in every child table of the family, before the
     // new version's rows are written.
-    let winner_set: HashSet<i64> = winners.iter().copied().collect();
-    if let Some(root) = catalog.tables.get(&root_key)
+    let winner_set: FxHashSet<i64> = winners.iter().copied().collect();
+    if let Some(root) = catalog.tables.get(EMPTY_PATH)
         && !winners.is_empty()
     {
         let winner_keys: Vec<&Vec<Val>> = candidates
@@ -210,8 +208,8 @@ pub fn load_chunk(
             .filter(|a| winner_set.contains(&a.staged.seq))
             .map(|a| &a.key_values)
             .collect();
-        for (key, info) in &catalog.tables {
-            if *key != root_key && pre_existing.contains(key) {
+        for key in pre_existing.iter().filter(|k| k.as_str() != EMPTY_PATH) {
+            if let Some(info) = catalog.tables.get(key) {
                 delete_children(conn, &catalog, root, info, &winner_keys)?;
             }
         }
@@ -223,6 +221,7 @@ pub fn load_chunk(
         rows.rows.retain(|r| winner_set.contains(&r.seq));
         write_table(conn, &catalog, info, rows, &loaded_at, false)?;
     }
+    let t_children = started.elapsed();
 
     record_rejections(conn, client_id, table, &rejected)?;
     if let (Some(first), Some(last)) = (chunk.first(), chunk.last()) {
@@ -239,10 +238,50 @@ pub fn load_chunk(
             None,
         )?;
     }
+    log::debug!(
+        "chunk of {}: flatten {:?}, place {:?}, ddl {:?}, root {:?}, children {:?}, finish {:?}",
+        chunk.len(),
+        t_flatten,
+        t_place - t_flatten,
+        t_ddl - t_place,
+        t_root - t_ddl,
+        t_children - t_root,
+        started.elapsed() - t_children
+    );
     Ok(ChunkOutcome {
         loaded: accepted.len(),
         rejected: rejected.len(),
     })
+}
+
+/// Places a row's cells into columns of table `table_key`, returning the values by column
+/// index and any overflow fields.
+fn assemble_row<'c>(
+    catalog: &mut Catalog,
+    per_table: &mut FxHashMap<String, TableRows>,
+    table_key: &str,
+    cells: impl Iterator<Item = &'c (String, Cell)>,
+) -> (
+    Vec<(usize, Val)>,
+    serde_json::Map<String, serde_json::Value>,
+) {
+    let mut values = Vec::new();
+    let mut overflow = serde_json::Map::new();
+    for (path, cell) in cells {
+        match place_cell(catalog, table_key, path, cell) {
+            Placement::Column(name, stored) => {
+                let rows = match per_table.get_mut(table_key) {
+                    Some(rows) => rows,
+                    None => per_table.entry(table_key.to_owned()).or_default(),
+                };
+                values.push((rows.column(&name), to_val(stored)));
+            }
+            Placement::Overflow => {
+                overflow.insert(path_segments(path).join("."), cell.to_json());
+            }
+        }
+    }
+    (values, overflow)
 }
 
 /// Key column types for a new table, from the first record that declares its keys.
@@ -260,17 +299,18 @@ fn key_types(flat: &FlatRecord) -> Result<Vec<ColType>, String> {
 }
 
 fn root_cell<'a>(flat: &'a FlatRecord, field: &str) -> Option<&'a Cell> {
+    let path = path_key(&[field.to_owned()]);
     flat.root
         .cells
         .iter()
-        .find(|(p, _)| p.len() == 1 && p[0] == field)
+        .find(|(p, _)| *p == path)
         .map(|(_, c)| c)
 }
 
 /// The record's key values in the table's key-column order, or why they do not fit.
 fn key_values(flat: &FlatRecord, root: &TableInfo) -> Result<Vec<Val>, String> {
-    let declared: HashSet<&String> = flat.keys.iter().collect();
-    let expected: HashSet<&String> = root.key_fields.iter().collect();
+    let declared: FxHashSet<&String> = flat.keys.iter().collect();
+    let expected: FxHashSet<&String> = root.key_fields.iter().collect();
     if declared != expected {
         return Err(format!(
             "its keys {:?} differ from the table's primary key {:?}",
@@ -304,16 +344,17 @@ fn to_val(cell: Cell) -> Val {
     }
 }
 
-fn column_types(info: &TableInfo) -> HashMap<&str, ColType> {
-    let mut types: HashMap<&str, ColType> = HashMap::new();
-    for ((path, t), name) in &info.columns {
-        if name == OVERFLOW_COLUMN {
-            if path == catalog::OVERFLOW_PATH {
-                types.insert(name, ColType::Json);
+fn column_types(info: &TableInfo) -> FxHashMap<&str, ColType> {
+    let mut types: FxHashMap<&str, ColType> = FxHashMap::default();
+    for columns in info.columns.values() {
+        for (t, name) in columns {
+            if name != OVERFLOW_COLUMN {
+                types.insert(name, *t);
             }
-        } else {
-            types.insert(name, *t);
         }
+    }
+    if info.has_overflow() {
+        types.insert(OVERFLOW_COLUMN, ColType::Json);
     }
     types
 }
@@ -353,13 +394,17 @@ fn write_table(
         .map(
             |PendingRow {
                  keys,
-                 values: mut cells,
+                 values: cells,
                  overflow,
                  seq,
                  received,
              }| {
                 let mut row = keys;
-                row.extend((0..data_width).map(|i| cells.remove(&i).unwrap_or(Val::Null)));
+                let first_data = row.len();
+                row.resize(first_data + data_width, Val::Null);
+                for (i, v) in cells {
+                    row[first_data + i] = v;
+                }
                 if has_overflow {
                     row.push(if overflow.is_empty() {
                         Val::Null
@@ -379,7 +424,7 @@ fn write_table(
         return insert_rows(conn, &table_ref, &columns, values, "", false);
     }
     let keys: Vec<&str> = info.key_columns.iter().map(|(n, _)| n.as_str()).collect();
-    let written: HashSet<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
+    let written: FxHashSet<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
     let mut all_columns: Vec<&str> = types
         .keys()
         .copied()
@@ -469,7 +514,7 @@ fn delete_children(
             d.table_ref(catalog.client_id, &child.name),
             child_keys.join(", "),
         ),
-        &params,
+        params,
     )
 }
 

@@ -49,7 +49,8 @@ impl Conn<'_> {
     }
 
     /// Runs a statement without results.
-    pub fn execute(&mut self, sql: &str, params: &[Param]) -> QueryResult<usize> {
+    pub fn execute(&mut self, sql: &str, params: impl Into<Vec<Param>>) -> QueryResult<usize> {
+        let params = params.into();
         match self {
             Conn::Pg(c) => bind_pg(diesel::sql_query(sql).into_boxed(), params).execute(*c),
             Conn::Sqlite(c) => bind_sqlite(diesel::sql_query(sql).into_boxed(), params).execute(*c),
@@ -57,10 +58,11 @@ impl Conn<'_> {
     }
 
     /// Runs a query returning rows of type `R`.
-    pub fn load<R>(&mut self, sql: &str, params: &[Param]) -> QueryResult<Vec<R>>
+    pub fn load<R>(&mut self, sql: &str, params: impl Into<Vec<Param>>) -> QueryResult<Vec<R>>
     where
         R: QueryableByName<Pg> + QueryableByName<Sqlite> + 'static,
     {
+        let params = params.into();
         match self {
             Conn::Pg(c) => bind_pg(diesel::sql_query(sql).into_boxed(), params).load(*c),
             Conn::Sqlite(c) => bind_sqlite(diesel::sql_query(sql).into_boxed(), params).load(*c),
@@ -79,10 +81,10 @@ impl Conn<'_> {
 
 fn bind_pg<'a>(
     mut q: diesel::query_builder::BoxedSqlQuery<'a, Pg, diesel::query_builder::SqlQuery>,
-    params: &[Param],
+    params: Vec<Param>,
 ) -> diesel::query_builder::BoxedSqlQuery<'a, Pg, diesel::query_builder::SqlQuery> {
     for p in params {
-        q = match p.clone() {
+        q = match p {
             Param::Int(v) => q.bind::<Nullable<BigInt>, _>(v),
             Param::Float(v) => q.bind::<Nullable<Double>, _>(v),
             Param::Bool(v) => q.bind::<Nullable<Bool>, _>(v),
@@ -100,10 +102,10 @@ fn bind_pg<'a>(
 
 fn bind_sqlite<'a>(
     mut q: diesel::query_builder::BoxedSqlQuery<'a, Sqlite, diesel::query_builder::SqlQuery>,
-    params: &[Param],
+    params: Vec<Param>,
 ) -> diesel::query_builder::BoxedSqlQuery<'a, Sqlite, diesel::query_builder::SqlQuery> {
     for p in params {
-        q = match p.clone() {
+        q = match p {
             Param::Int(v) => q.bind::<Nullable<BigInt>, _>(v),
             Param::Float(v) => q.bind::<Nullable<Double>, _>(v),
             Param::Bool(v) => q.bind::<Nullable<Bool>, _>(v),
@@ -159,5 +161,5 @@ pub fn in_transaction<T>(
 
 /// A round trip, to tell a broken connection from a failing statement.
 pub fn ping(conn: &mut Conn<'_>) -> QueryResult<()> {
-    conn.execute("SELECT 1", &[]).map(|_| ())
+    conn.execute("SELECT 1", []).map(|_| ())
 }
