@@ -21,6 +21,9 @@ use diesel::{Connection, QueryableByName, RunQueryDsl};
 use serde_json::Value;
 use tempfile::TempDir;
 
+/// Fault injection: killing and restarting processes, direct warehouse reads, raw TCP.
+pub mod faults;
+
 /// PostgreSQL server the tests create their databases on (trust auth), unless
 /// `INTAKE_TEST_PG_URL` names another; the database part of the URL is the one connected to
 /// for creating and dropping test databases.
@@ -692,4 +695,464 @@ fn sqlite_path(url: &str) -> PathBuf {
 /// A key that is well formed but was never issued.
 pub fn unknown_key() -> String {
     format!("intake_{}_{}", "zzzzzzzzzzzz", "Q".repeat(32))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The loader and the warehouse.
+
+/// Runs the real `intake-loader` with `args` (e.g. `["run"]`) against `db`, with its default
+/// settings, and waits for it to end.
+pub fn run_loader(db: &TestDb, args: &[&str]) -> CliOutput {
+    let output = base_command(env!("CARGO_BIN_EXE_intake-loader"), db)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running intake-loader");
+    CliOutput {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// `intake-loader run`, which must succeed.
+#[track_caller]
+pub fn load(db: &TestDb) -> CliOutput {
+    let out = run_loader(db, &["run"]);
+    out.assert_success();
+    out
+}
+
+/// `intake-loader status --json`, parsed.
+#[track_caller]
+pub fn loader_status(db: &TestDb) -> Value {
+    let out = run_loader(db, &["status", "--json"]);
+    out.assert_success();
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("status --json printed no JSON ({e}): {:?}", out.stdout))
+}
+
+/// An `intake-loader` running in the background; its output goes to files so that it can
+/// never block on a full pipe. Killed when dropped if still running.
+pub struct LoaderProcess {
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl LoaderProcess {
+    /// Starts `intake-loader` with `args` against `db`; `name` tells its output files apart.
+    pub fn spawn(db: &TestDb, name: &str, args: &[&str]) -> LoaderProcess {
+        let stdout = db.dir().join(format!("{name}.stdout"));
+        let stderr = db.dir().join(format!("{name}.stderr"));
+        let file = |path: &Path| std::fs::File::create(path).expect("creating an output file");
+        let child = base_command(env!("CARGO_BIN_EXE_intake-loader"), db)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file(&stdout))
+            .stderr(file(&stderr))
+            .spawn()
+            .expect("starting intake-loader");
+        LoaderProcess {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it has written to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`) through `kill`: this crate forbids unsafe code.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{name} {} failed", self.child.id());
+    }
+
+    /// Waits up to `timeout` for it to exit and returns what it printed; `None` (after
+    /// killing it) if it was still running.
+    pub fn wait(&mut self, timeout: Duration) -> Option<CliOutput> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait().expect("waiting for intake-loader") {
+                Some(status) => {
+                    return Some(CliOutput {
+                        status,
+                        stdout: std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+                        stderr: self.stderr(),
+                    });
+                }
+                None if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return None;
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+impl Drop for LoaderProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, for at most `timeout`; panics with
+/// `what` and the last value seen otherwise.
+#[track_caller]
+pub fn poll<T: std::fmt::Debug>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(last) if Instant::now() > deadline => {
+                panic!("{what}: not within {timeout:?}; last seen: {last}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// A direct connection to a test database, for reading the warehouse.
+pub enum DbConnection {
+    Pg(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+impl DbConnection {
+    pub fn open(db: &TestDb) -> DbConnection {
+        match db.backend {
+            Backend::Sqlite => {
+                let path = sqlite_path(&db.url);
+                assert!(path.exists(), "no SQLite database at {}", path.display());
+                let mut conn = SqliteConnection::establish(&path.to_string_lossy())
+                    .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+                // Loaders may be writing at the same time.
+                diesel::sql_query("PRAGMA busy_timeout = 10000")
+                    .execute(&mut conn)
+                    .expect("setting the busy timeout");
+                DbConnection::Sqlite(conn)
+            }
+            Backend::Postgres => DbConnection::Pg(
+                PgConnection::establish(&db.url)
+                    .unwrap_or_else(|e| panic!("connecting to {}: {e}", db.url)),
+            ),
+        }
+    }
+
+    /// Runs a query without bound values.
+    #[track_caller]
+    pub fn load<T>(&mut self, sql: &str) -> Vec<T>
+    where
+        T: QueryableByName<diesel::pg::Pg> + QueryableByName<diesel::sqlite::Sqlite> + 'static,
+    {
+        let result = match self {
+            DbConnection::Pg(c) => diesel::sql_query(sql).load(c),
+            DbConnection::Sqlite(c) => diesel::sql_query(sql).load(c),
+        };
+        result.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Runs a statement without bound values.
+    #[track_caller]
+    pub fn execute(&mut self, sql: &str) -> usize {
+        let result = match self {
+            DbConnection::Pg(c) => diesel::sql_query(sql).execute(c),
+            DbConnection::Sqlite(c) => diesel::sql_query(sql).execute(c),
+        };
+        result.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
+/// `text` as an SQL string literal.
+pub fn sql_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// `name` as a quoted SQL identifier.
+pub fn sql_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The quoted reference to a client's warehouse table, as docs/warehouse.md spells it:
+/// `client_<id>.<table>` on PostgreSQL, `client_<id>__<table>` on SQLite.
+pub fn table_ref(backend: Backend, client_id: i64, table: &str) -> String {
+    match backend {
+        Backend::Postgres => format!(
+            "{}.{}",
+            sql_ident(&format!("client_{client_id}")),
+            sql_ident(table)
+        ),
+        Backend::Sqlite => sql_ident(&format!("client_{client_id}__{table}")),
+    }
+}
+
+#[derive(QueryableByName)]
+struct NameRow {
+    #[diesel(sql_type = Text)]
+    name: String,
+}
+
+#[derive(QueryableByName)]
+struct CountRow {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(QueryableByName)]
+struct JsonRow {
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    j: Option<String>,
+}
+
+/// Every table in a client's namespace (system tables included), without the namespace, sorted.
+pub fn warehouse_tables(db: &TestDb, client_id: i64) -> Vec<String> {
+    let mut conn = DbConnection::open(db);
+    let rows: Vec<NameRow> = match db.backend {
+        Backend::Postgres => conn.load(&format!(
+            "SELECT table_name::text AS name FROM information_schema.tables \
+             WHERE table_schema = {} ORDER BY 1",
+            sql_literal(&format!("client_{client_id}"))
+        )),
+        Backend::Sqlite => conn.load(&format!(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, {len}) = {prefix} \
+             ORDER BY 1",
+            len = format!("client_{client_id}__").len(),
+            prefix = sql_literal(&format!("client_{client_id}__")),
+        )),
+    };
+    let prefix = format!("client_{client_id}__");
+    let mut names: Vec<String> = rows
+        .into_iter()
+        .map(|r| match db.backend {
+            Backend::Postgres => r.name,
+            Backend::Sqlite => r.name[prefix.len()..].to_owned(),
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// One column of a warehouse table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarehouseColumn {
+    pub name: String,
+    /// The declared type: `format_type` on PostgreSQL (`bigint`, `double precision`,
+    /// `timestamp with time zone`, ...), the declared type on SQLite (`INTEGER`, `REAL`, ...).
+    pub sql_type: String,
+    pub not_null: bool,
+    /// Position in the primary key, from 1; 0 if not part of it.
+    pub pk: i64,
+}
+
+#[derive(QueryableByName)]
+struct ColumnInfo {
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Text)]
+    sql_type: String,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    not_null: bool,
+    #[diesel(sql_type = BigInt)]
+    pk: i64,
+}
+
+/// The columns of a client's warehouse table, in table order; empty if there is no such table.
+pub fn warehouse_columns(db: &TestDb, client_id: i64, table: &str) -> Vec<WarehouseColumn> {
+    let mut conn = DbConnection::open(db);
+    let sql = match db.backend {
+        Backend::Postgres => format!(
+            "SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS sql_type, \
+                    a.attnotnull AS not_null, \
+                    COALESCE((SELECT k.n FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) \
+                              WHERE k.attnum = a.attnum), 0)::bigint AS pk \
+             FROM pg_attribute a \
+             LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
+             WHERE a.attrelid = to_regclass({}) AND a.attnum > 0 AND NOT a.attisdropped \
+             ORDER BY a.attnum",
+            sql_literal(&table_ref(db.backend, client_id, table))
+        ),
+        Backend::Sqlite => format!(
+            "SELECT name, type AS sql_type, \"notnull\" <> 0 AS not_null, CAST(pk AS BIGINT) AS pk \
+             FROM pragma_table_info({}) ORDER BY cid",
+            sql_literal(&format!("client_{client_id}__{table}"))
+        ),
+    };
+    conn.load::<ColumnInfo>(&sql)
+        .into_iter()
+        .map(|c| WarehouseColumn {
+            name: c.name,
+            sql_type: c.sql_type,
+            not_null: c.not_null,
+            pk: c.pk,
+        })
+        .collect()
+}
+
+/// The primary key columns of a client's warehouse table, in key order.
+pub fn primary_key(db: &TestDb, client_id: i64, table: &str) -> Vec<String> {
+    let mut key: Vec<WarehouseColumn> = warehouse_columns(db, client_id, table)
+        .into_iter()
+        .filter(|c| c.pk > 0)
+        .collect();
+    key.sort_by_key(|c| c.pk);
+    key.into_iter().map(|c| c.name).collect()
+}
+
+/// `SELECT COUNT(*)` of a client's warehouse table.
+pub fn warehouse_count(db: &TestDb, client_id: i64, table: &str) -> i64 {
+    let mut conn = DbConnection::open(db);
+    let rows: Vec<CountRow> = conn.load(&format!(
+        "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM {}",
+        table_ref(db.backend, client_id, table)
+    ));
+    rows.first().map_or(0, |r| r.n)
+}
+
+/// Every row of a client's warehouse table as a JSON object (column name → value), ordered
+/// by `order_by` (column names, e.g. `"id", "_intake_pos_0"`), with both backends' values in
+/// one shape: integers, floats (as JSON floats), booleans, text, NULL, and timestamps as RFC
+/// 3339 UTC text with microseconds (`2024-03-01T10:20:30.000000Z`).
+pub fn warehouse_rows(db: &TestDb, client_id: i64, table: &str, order_by: &str) -> Vec<Value> {
+    let columns = warehouse_columns(db, client_id, table);
+    assert!(
+        !columns.is_empty(),
+        "no warehouse table {table} for client {client_id}"
+    );
+    let source = table_ref(db.backend, client_id, table);
+    let sql = match db.backend {
+        Backend::Postgres => {
+            let select: Vec<String> = columns
+                .iter()
+                .map(|c| {
+                    let name = sql_ident(&c.name);
+                    if c.sql_type == "timestamp with time zone" {
+                        format!(
+                            "to_char({name} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS {name}"
+                        )
+                    } else {
+                        name
+                    }
+                })
+                .collect();
+            format!(
+                "SELECT row_to_json(q)::text AS j FROM (SELECT {} FROM {source}) q ORDER BY {order_by}",
+                select.join(", ")
+            )
+        }
+        Backend::Sqlite => {
+            assert!(
+                columns.len() <= 60,
+                "json_object takes at most 127 arguments; {table} has {} columns",
+                columns.len()
+            );
+            let pairs: Vec<String> = columns
+                .iter()
+                .map(|c| {
+                    let name = sql_ident(&c.name);
+                    // json_object writes REAL with 15 significant digits; 17 round-trip.
+                    let value = if c.sql_type == "REAL" {
+                        format!("CASE WHEN typeof({name}) = 'real' THEN printf('%!.17g', {name}) ELSE {name} END")
+                    } else {
+                        name
+                    };
+                    format!("{}, {value}", sql_literal(&c.name))
+                })
+                .collect();
+            format!(
+                "SELECT json_object({}) AS j FROM {source} ORDER BY {order_by}",
+                pairs.join(", ")
+            )
+        }
+    };
+    let mut conn = DbConnection::open(db);
+    conn.load::<JsonRow>(&sql)
+        .into_iter()
+        .map(|row| {
+            let text = row.j.unwrap_or_else(|| panic!("{sql}: a NULL row"));
+            let mut value: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{sql}: not JSON ({e}): {text}"));
+            for column in &columns {
+                if let Some(cell) = value.get_mut(&column.name) {
+                    normalize_cell(cell, &column.sql_type);
+                }
+            }
+            value
+        })
+        .collect()
+}
+
+/// Floats as floats (PostgreSQL writes `1` for 1.0; SQLite's come as full-precision text), SQLite's
+/// 0/1 booleans as booleans, and SQLite's JSON text as JSON.
+fn normalize_cell(cell: &mut Value, sql_type: &str) {
+    match (sql_type, &*cell) {
+        ("double precision" | "REAL", Value::Number(n)) => {
+            if let Some(f) = n.as_f64() {
+                *cell = Value::from(f);
+            }
+        }
+        ("REAL", Value::String(s)) => {
+            if let Ok(f) = s.parse::<f64>() {
+                *cell = Value::from(f);
+            }
+        }
+        ("BOOLEAN", Value::Number(n)) => *cell = Value::Bool(n.as_i64() != Some(0)),
+        ("JSON", Value::String(s)) => {
+            if let Ok(parsed) = serde_json::from_str(s) {
+                *cell = parsed;
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `(seq, received_at)` of a table's staged records, the time as RFC 3339 UTC text with
+/// microseconds on both backends.
+pub fn staged_times(db: &TestDb, client_id: i64, table: &str) -> Vec<(i64, String)> {
+    #[derive(QueryableByName)]
+    struct SeqTime {
+        #[diesel(sql_type = BigInt)]
+        seq: i64,
+        #[diesel(sql_type = Text)]
+        received_at: String,
+    }
+    let received = match db.backend {
+        Backend::Postgres => {
+            "to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
+        }
+        Backend::Sqlite => "received_at",
+    };
+    let mut conn = DbConnection::open(db);
+    conn.load::<SeqTime>(&format!(
+        "SELECT CAST(seq AS BIGINT) AS seq, {received} AS received_at FROM staged_records \
+         WHERE client_id = {client_id} AND table_name = {} ORDER BY seq",
+        sql_literal(table)
+    ))
+    .into_iter()
+    .map(|r| (r.seq, r.received_at))
+    .collect()
 }

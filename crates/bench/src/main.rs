@@ -5,6 +5,10 @@
 
 mod data;
 mod fresh_db;
+mod http_load;
+mod ingest;
+mod measure;
+mod server_child;
 
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::AtomicBool;
@@ -48,9 +52,31 @@ enum Scenario {
         #[arg(long, default_value_t = 5000)]
         chunk_size: usize,
     },
+    /// HTTP pushes of 100-record requests at a fixed concurrency, counting only 201s, against
+    /// COPY (PostgreSQL) or one bulk transaction (SQLite) of the same records.
+    Ingest {
+        #[arg(long, value_enum, default_value = "both")]
+        backend: Backend,
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+    },
+    /// Authenticate requests/s with a warm key cache against GET /health, and a cold key's cost.
+    Auth {
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Internal: run one loader pass in this process (so its memory can be measured alone).
     #[command(hide = true)]
     LoadChild { url: String, chunk_size: usize },
+    /// Internal: run the server in this process.
+    #[command(hide = true)]
+    ServeChild { url: String, port: u16 },
 }
 
 fn main() -> ExitCode {
@@ -80,6 +106,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Scenario::Ingest {
+            backend,
+            connections,
+            seconds,
+            batch,
+        } => {
+            print_machine();
+            for b in [Backend::Postgres, Backend::Sqlite] {
+                if backend == b || backend == Backend::Both {
+                    ingest::ingest(b == Backend::Postgres, connections, seconds, batch)?;
+                }
+            }
+            Ok(())
+        }
+        Scenario::Auth {
+            connections,
+            seconds,
+        } => {
+            print_machine();
+            ingest::auth(connections, seconds)
+        }
+        Scenario::ServeChild { url, port } => server_child::serve(&url, port),
         Scenario::LoadChild { url, chunk_size } => {
             let db = FreshDb::attach(&url)?;
             let report = intake_loader::pass::run_pass(
@@ -91,7 +139,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !report.errors().is_empty() {
                 bail!("load failed: {:?}", report.errors());
             }
-            println!("{} {}", report.loaded(), cpu_ms_of("self").unwrap_or(0));
+            println!(
+                "{} {}",
+                report.loaded(),
+                measure::cpu_ms_of("self").unwrap_or(0)
+            );
             Ok(())
         }
     }
@@ -159,7 +211,7 @@ fn load_scenario(backend: Backend, records: usize, chunk_size: usize) -> anyhow:
     let pid = child.id();
     let mut peak_kib = 0u64;
     while child.try_wait()?.is_none() {
-        peak_kib = peak_kib.max(vm_hwm_kib(pid).unwrap_or(0));
+        peak_kib = peak_kib.max(measure::vm_hwm_kib(pid).unwrap_or(0));
         std::thread::sleep(Duration::from_millis(20));
     }
     let loader_secs = started.elapsed().as_secs_f64();
@@ -253,22 +305,6 @@ fn baseline_load(backend: Backend) -> String {
              ORDER BY seq {update}"
         ),
     }
-}
-
-/// CPU time (user + system) a process has used so far, in ms, from /proc (Linux).
-fn cpu_ms_of(pid: &str) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(ticks * 10)
-}
-
-/// Peak resident set size of a process, from /proc (Linux).
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[derive(diesel::QueryableByName)]

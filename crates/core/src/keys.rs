@@ -14,7 +14,8 @@ pub const KEY_PREFIX: &str = "intake";
 const KEY_ID_LEN: usize = 12;
 const SECRET_LEN: usize = 32;
 const KEY_ID_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-const SECRET_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+pub(crate) const SECRET_ALPHABET: &[u8] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 
 /// A freshly made key: the full text is shown once, the hash is what gets stored.
 pub struct NewKey {
@@ -43,7 +44,7 @@ pub fn generate_key() -> anyhow::Result<NewKey> {
 }
 
 /// Uniform characters by rejection sampling over OS random bytes (no modulo bias).
-fn random_string(alphabet: &[u8], len: usize) -> anyhow::Result<String> {
+pub(crate) fn random_string(alphabet: &[u8], len: usize) -> anyhow::Result<String> {
     let limit = 256 - (256 % alphabet.len());
     let mut out = String::with_capacity(len);
     let mut buf = [0u8; 64];

@@ -21,6 +21,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub database: DatabaseSettings,
     pub auth: AuthSettings,
+    pub rate_limit: RateLimitSettings,
     pub loader: LoaderSettings,
 }
 
@@ -53,6 +54,18 @@ pub struct DatabaseSettings {
 pub struct AuthSettings {
     pub cache_ttl_secs: u64,
     pub last_used_flush_secs: u64,
+}
+
+/// Per-key request limits of `intake-server`: a token bucket per API key id, so that one
+/// client's runaway job cannot take the database's capacity from every other client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSettings {
+    pub enabled: bool,
+    /// Sustained rate: tokens added to a key's bucket per second.
+    pub requests_per_sec: f64,
+    /// Bucket size: requests a key may make at once after being idle.
+    pub burst: u32,
 }
 
 /// Whether `intake-server` runs loader passes in-process.
@@ -125,6 +138,13 @@ impl Settings {
         if self.database.url.trim().is_empty() {
             bail!("database.url must not be empty");
         }
+        let r = &self.rate_limit;
+        if !(r.requests_per_sec.is_finite() && r.requests_per_sec > 0.0) {
+            bail!("rate_limit.requests_per_sec must be a positive number");
+        }
+        if r.burst == 0 {
+            bail!("rate_limit.burst must be at least 1");
+        }
         if self.loader.chunk_size == 0 {
             bail!("loader.chunk_size must be at least 1");
         }
@@ -149,5 +169,39 @@ mod tests {
         assert_eq!(settings.server.max_body_bytes, 10 * 1024 * 1024);
         assert_eq!(settings.auth.cache_ttl_secs, 5);
         assert_eq!(settings.loader.embedded, EmbeddedLoader::Auto);
+        assert!(
+            !settings.rate_limit.enabled,
+            "rate limiting is off by default"
+        );
+        assert_eq!(settings.rate_limit.requests_per_sec, 50.0);
+        assert_eq!(settings.rate_limit.burst, 100);
+    }
+
+    #[test]
+    fn rate_limits_must_be_positive() {
+        let with = |rate: &str, burst: &str| {
+            Config::builder()
+                .add_source(File::from_str(BUILT_IN_DEFAULTS, FileFormat::Toml))
+                .set_override("rate_limit.requests_per_sec", rate)
+                .and_then(|b| b.set_override("rate_limit.burst", burst))
+                .and_then(|b| b.build())
+                .and_then(|c| c.try_deserialize::<Settings>())
+                .map_err(anyhow::Error::from)
+                .and_then(|s| s.validate().map(|()| s))
+        };
+        // An integer rate, as an environment variable would give it, is accepted.
+        let ok = with("2", "3").expect("valid limits");
+        assert_eq!(ok.rate_limit.requests_per_sec, 2.0);
+        assert_eq!(ok.rate_limit.burst, 3);
+        assert!(with("0.5", "1").is_ok());
+        for (rate, burst) in [
+            ("0", "3"),
+            ("-1", "3"),
+            ("NaN", "3"),
+            ("inf", "3"),
+            ("2", "0"),
+        ] {
+            assert!(with(rate, burst).is_err(), "rate {rate}, burst {burst}");
+        }
     }
 }

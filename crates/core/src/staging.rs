@@ -6,9 +6,10 @@
 //! later always has a higher sequence: "later wins" means "acknowledged later wins".
 
 use chrono::{DateTime, Utc};
+use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Text, Timestamptz};
-use diesel::sqlite::Sqlite;
+use diesel::sqlite::{Sqlite, SqliteConnection};
 
 use crate::db::DbConn;
 use crate::timestamps::sqlite_text;
@@ -41,9 +42,76 @@ struct LastSeq {
 
 /// Appends a batch in one transaction and returns its sequence numbers only once committed.
 pub fn append(conn: &mut DbConn, batch: &StagedBatch<'_>) -> QueryResult<SeqRange> {
-    let count = batch.records.len() as i64;
+    append_all(conn, std::slice::from_ref(batch))?
+        .pop()
+        .ok_or(diesel::result::Error::NotFound)
+}
+
+/// Appends several batches (possibly for several tables) in ONE transaction, so that
+/// concurrent requests can share a commit (group commit). Returns each batch's sequence
+/// numbers, in the order given, once committed. Tables are written in (client, table) order,
+/// so two such transactions never wait on each other's counter rows in a cycle.
+pub fn append_all(conn: &mut DbConn, batches: &[StagedBatch<'_>]) -> QueryResult<Vec<SeqRange>> {
+    let mut order: Vec<usize> = (0..batches.len()).collect();
+    order.sort_by_key(|&i| (batches[i].client_id, batches[i].table));
+    let write = |conn: &mut RawConn<'_>| -> QueryResult<Vec<SeqRange>> {
+        let mut ranges = vec![SeqRange { first: 0, last: 0 }; batches.len()];
+        for group in order.chunk_by(|&a, &b| {
+            (batches[a].client_id, batches[a].table) == (batches[b].client_id, batches[b].table)
+        }) {
+            let first_batch = &batches[group[0]];
+            let mut records = Vec::new();
+            let mut times = Vec::new();
+            for &i in group {
+                records.extend_from_slice(batches[i].records);
+                times.extend(std::iter::repeat_n(
+                    batches[i].received_at,
+                    batches[i].records.len(),
+                ));
+            }
+            let last = append_table(
+                conn,
+                first_batch.client_id,
+                first_batch.table,
+                &records,
+                &times,
+            )?;
+            let mut next = last - records.len() as i64 + 1;
+            for &i in group {
+                let n = batches[i].records.len() as i64;
+                ranges[i] = SeqRange {
+                    first: next,
+                    last: next + n - 1,
+                };
+                next += n;
+            }
+        }
+        Ok(ranges)
+    };
     match conn {
-        DbConn::Pg(c) => {
+        DbConn::Pg(c) => c.transaction(|c| write(&mut RawConn::Pg(c))),
+        DbConn::Sqlite(c) => c.immediate_transaction(|c| write(&mut RawConn::Sqlite(c))),
+    }
+}
+
+/// A connection inside a transaction.
+enum RawConn<'a> {
+    Pg(&'a mut PgConnection),
+    Sqlite(&'a mut SqliteConnection),
+}
+
+/// Writes one table's records (already in sequence order) and returns the last sequence
+/// number used. Must run inside a transaction: the counter row stays locked until commit.
+fn append_table(
+    conn: &mut RawConn<'_>,
+    client_id: i64,
+    table: &str,
+    records: &[&str],
+    times: &[DateTime<Utc>],
+) -> QueryResult<i64> {
+    let count = records.len() as i64;
+    match conn {
+        RawConn::Pg(c) => {
             // One statement: bump the counter (taking its row lock) and insert every record.
             let rows: Vec<LastSeq> = diesel::sql_query(
                 "WITH s AS ( \
@@ -53,52 +121,56 @@ pub fn append(conn: &mut DbConn, batch: &StagedBatch<'_>) -> QueryResult<SeqRang
                    RETURNING q.last_seq), \
                  ins AS ( \
                    INSERT INTO staged_records (client_id, table_name, seq, received_at, record) \
-                   SELECT $1, $2, s.last_seq - $3 + r.ord, $4, r.rec \
-                   FROM s, unnest($5::text[]) WITH ORDINALITY AS r(rec, ord)) \
+                   SELECT $1, $2, s.last_seq - $3 + r.ord, r.at, r.rec \
+                   FROM s, unnest($4::text[], $5::timestamptz[]) WITH ORDINALITY AS r(rec, at, ord)) \
                  SELECT last_seq FROM s",
             )
-            .bind::<BigInt, _>(batch.client_id)
-            .bind::<Text, _>(batch.table)
+            .bind::<BigInt, _>(client_id)
+            .bind::<Text, _>(table)
             .bind::<BigInt, _>(count)
-            .bind::<Timestamptz, _>(batch.received_at)
-            .bind::<Array<Text>, _>(batch.records)
-            .load(&mut **c)?;
-            let last = rows.first().map(|r| r.last_seq).ok_or(diesel::result::Error::NotFound)?;
-            Ok(SeqRange { first: last - count + 1, last })
+            .bind::<Array<Text>, _>(records)
+            .bind::<Array<Timestamptz>, _>(times)
+            .load(*c)?;
+            rows.first()
+                .map(|r| r.last_seq)
+                .ok_or(diesel::result::Error::NotFound)
         }
-        DbConn::Sqlite(c) => c.immediate_transaction(|c| {
+        RawConn::Sqlite(c) => {
             let LastSeq { last_seq: last } = diesel::sql_query(
                 "INSERT INTO staging_sequences (client_id, table_name, last_seq) VALUES ($1, $2, $3) \
                  ON CONFLICT (client_id, table_name) DO UPDATE SET last_seq = last_seq + excluded.last_seq \
                  RETURNING last_seq",
             )
-            .bind::<BigInt, _>(batch.client_id)
-            .bind::<Text, _>(batch.table)
+            .bind::<BigInt, _>(client_id)
+            .bind::<Text, _>(table)
             .bind::<BigInt, _>(count)
-            .get_result(c)?;
+            .get_result(*c)?;
             let first = last - count + 1;
-            let received_at = sqlite_text(batch.received_at);
-            for (chunk_no, chunk) in batch.records.chunks(SQLITE_ROWS_PER_INSERT).enumerate() {
+            for (chunk_no, chunk) in records.chunks(SQLITE_ROWS_PER_INSERT).enumerate() {
                 let mut sql = String::from(
                     "INSERT INTO staged_records (client_id, table_name, seq, received_at, record) VALUES ",
                 );
                 for i in 0..chunk.len() {
-                    sql.push_str(if i == 0 { "(?, ?, ?, ?, ?)" } else { ", (?, ?, ?, ?, ?)" });
+                    sql.push_str(if i == 0 {
+                        "(?, ?, ?, ?, ?)"
+                    } else {
+                        ", (?, ?, ?, ?, ?)"
+                    });
                 }
                 let mut query = diesel::sql_query(sql).into_boxed::<Sqlite>();
-                let base = first + (chunk_no * SQLITE_ROWS_PER_INSERT) as i64;
+                let base = chunk_no * SQLITE_ROWS_PER_INSERT;
                 for (i, record) in chunk.iter().enumerate() {
                     query = query
-                        .bind::<BigInt, _>(batch.client_id)
-                        .bind::<Text, _>(batch.table)
-                        .bind::<BigInt, _>(base + i as i64)
-                        .bind::<Text, _>(received_at.clone())
+                        .bind::<BigInt, _>(client_id)
+                        .bind::<Text, _>(table)
+                        .bind::<BigInt, _>(first + (base + i) as i64)
+                        .bind::<Text, _>(sqlite_text(times[base + i]))
                         .bind::<Text, _>(*record);
                 }
-                query.execute(c)?;
+                query.execute(*c)?;
             }
-            Ok(SeqRange { first, last })
-        }),
+            Ok(last)
+        }
     }
 }
 

@@ -1,5 +1,5 @@
-//! `intake-key-admin`: issue, list and revoke API keys. Secrets are printed once, at issue,
-//! and never stored or shown again.
+//! `intake-key-admin`: issue, list and revoke API keys, and grant analysts read-only database
+//! roles. Secrets and passwords are printed once and never stored or shown again.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use intake_core::db::{self, DatabaseTarget, DbConn, DbPool};
 use intake_core::key_store::{self, KeyInfo, Revocation};
 use intake_core::keys;
+use intake_core::reader_roles::{self, ReaderGrant};
 use intake_core::settings::Settings;
 use serde_json::json;
 
@@ -16,7 +17,7 @@ use serde_json::json;
 #[command(
     name = "intake-key-admin",
     version,
-    about = "Issue, list and revoke Intake API keys"
+    about = "Issue, list and revoke Intake API keys; grant analysts read-only roles"
 )]
 struct Cli {
     /// Configuration file (TOML), layered over config/default.toml.
@@ -57,6 +58,23 @@ enum Command {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Create (or rotate the password of) a PostgreSQL login role that can only read one
+    /// client's warehouse schema, and print its password (the only time it is shown).
+    GrantReader {
+        /// Client id whose schema client_<ID> the role may read.
+        #[arg(long)]
+        client: i64,
+        /// Name of the role (default: intake_reader_<ID>).
+        #[arg(long)]
+        role: Option<String>,
+        /// The role intake-loader connects as, so that tables it creates later are readable
+        /// too (default: the role this command connects as).
+        #[arg(long, value_name = "ROLE")]
+        loader_role: Option<String>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Entry point of the `intake-key-admin` binary.
@@ -76,6 +94,10 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     let target = DatabaseTarget::parse(&settings.database.url)?;
+    if matches!(cli.command, Command::GrantReader { .. }) && target.is_sqlite() {
+        // Before migrating, so that a mistaken run does not create a SQLite file.
+        bail!(reader_roles::SQLITE_UNSUPPORTED);
+    }
     if settings.database.migrate_on_start {
         db::run_migrations(&target, &settings.database)?;
     }
@@ -90,6 +112,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => issue(&mut conn, client, &label, json),
         Command::List { client, json } => list(&mut conn, client, json),
         Command::Revoke { key_id, reason } => revoke(&mut conn, &key_id, &reason),
+        Command::GrantReader {
+            client,
+            role,
+            loader_role,
+            json,
+        } => grant_reader(&mut conn, client, role, loader_role.as_deref(), json),
     }
 }
 
@@ -172,6 +200,41 @@ fn revoke(conn: &mut DbConn, key_id: &str, reason: &str) -> anyhow::Result<()> {
         Revocation::Revoked => println!("Revoked key {key_id}."),
         Revocation::AlreadyRevoked => println!("Key {key_id} was already revoked."),
         Revocation::UnknownKey => bail!("no key with id {key_id}"),
+    }
+    Ok(())
+}
+
+fn grant_reader(
+    conn: &mut DbConn,
+    client_id: i64,
+    role: Option<String>,
+    loader_role: Option<&str>,
+    as_json: bool,
+) -> anyhow::Result<()> {
+    let role = role.unwrap_or_else(|| reader_roles::default_role_name(client_id));
+    let ReaderGrant {
+        role,
+        password,
+        client_id,
+        created,
+    } = reader_roles::grant_reader(conn, client_id, &role, loader_role)?;
+    if as_json {
+        println!(
+            "{}",
+            json!({"role": role, "password": password, "client_id": client_id})
+        );
+    } else {
+        let done = if created {
+            "Created"
+        } else {
+            "Rotated the password of"
+        };
+        println!(
+            "{done} reader role {role}: it can read schema {} only.",
+            reader_roles::client_schema(client_id)
+        );
+        println!("Password (shown only now; store it safely):");
+        println!("{password}");
     }
     Ok(())
 }

@@ -33,8 +33,8 @@ pub const REJECTED_TABLE: &str = "_intake_rejected";
 pub struct TableInfo {
     /// Physical name inside the client's namespace.
     pub name: String,
-    /// `[pushed table, array field path...]`.
-    pub source: Vec<String>,
+    /// Where the table's rows come from (see [`source_text`]).
+    pub source: String,
     /// Key columns: the root's declared keys, or for a child table the root keys
     /// (`_intake_root_<key>`) then the element positions (`_intake_pos_<level>`).
     pub key_columns: Vec<(String, ColType)>,
@@ -45,13 +45,15 @@ pub struct TableInfo {
     pub columns: FxHashMap<String, Vec<(ColType, String)>>,
     /// Every column name in use, system columns included, with its type.
     pub used: FxHashMap<String, ColType>,
+    /// Whether the `_intake_overflow` column exists (or is being added by this chunk).
+    pub overflow: bool,
     pub exists: bool,
 }
 
 impl TableInfo {
     fn new(
         name: String,
-        source: Vec<String>,
+        source: String,
         key_columns: Vec<(String, ColType)>,
         exists: bool,
     ) -> TableInfo {
@@ -74,13 +76,14 @@ impl TableInfo {
             key_fields: Vec::new(),
             columns: FxHashMap::default(),
             used,
+            overflow: false,
             exists,
         }
     }
 
-    /// Whether the overflow column exists.
+    /// Whether the overflow column exists (or is being added by this chunk).
     pub fn has_overflow(&self) -> bool {
-        self.columns.contains_key(OVERFLOW_PATH)
+        self.overflow
     }
 }
 
@@ -98,15 +101,13 @@ pub struct NewColumn {
     pub table_key: String,
     pub column: String,
     pub value_type: ColType,
-    /// Source path as JSON, or [`OVERFLOW_PATH`] for the overflow column itself.
-    pub path: String,
+    /// Source path as JSON; `None` for the overflow column itself, which holds many paths
+    /// (each recorded separately when it is first sent there).
+    pub path: Option<String>,
     /// Whether the column must be added (false for key columns, made with the table, and for
     /// paths mapped into the existing overflow column).
     pub add: bool,
 }
-
-/// Catalog path recorded for the overflow column itself.
-pub const OVERFLOW_PATH: &str = "*";
 
 #[derive(QueryableByName)]
 struct TableRow {
@@ -142,9 +143,32 @@ pub struct Catalog {
     pub ddl: PendingDdl,
 }
 
-/// The `_intake_tables.source` of a table: `[pushed table, array path...]` as JSON.
-pub fn source_key(source: &[String]) -> String {
-    serde_json::to_string(source).unwrap_or_default()
+/// Prefix of a child table's element-position key columns.
+pub const POSITION_PREFIX: &str = "_intake_pos_";
+
+
+
+/// The `_intake_tables.source` of a table: the pushed table's name, then for a child table
+/// one path per array level (`["orders",["items"],["tags"]]`), as JSON.
+pub fn source_text(table: &str, array_path: &str) -> String {
+    let table = serde_json::to_string(table).unwrap_or_default();
+    match array_path.strip_prefix('[').filter(|rest| *rest != "]") {
+        Some(levels) => format!("[{table},{levels}"),
+        None => format!("[{table}]"),
+    }
+}
+
+/// The array path of the table enclosing a child table's array (`[]` for the root).
+fn parent_array_path(array_path: &str) -> String {
+    let mut levels: Vec<serde_json::Value> = serde_json::from_str(array_path).unwrap_or_default();
+    levels.pop();
+    serde_json::to_string(&levels).unwrap_or_else(|_| EMPTY_PATH.to_owned())
+}
+
+/// Every field name along an array path, for naming its table.
+fn array_path_names(array_path: &str) -> Vec<String> {
+    let levels: Vec<Vec<String>> = serde_json::from_str(array_path).unwrap_or_default();
+    levels.into_iter().flatten().collect()
 }
 
 /// Creates the client's namespace and system tables if they do not exist yet.
@@ -165,7 +189,7 @@ pub fn ensure_namespace(conn: &mut Conn<'_>, client_id: i64) -> QueryResult<()> 
         ));
     }
     sql.push_str(&format!(
-        "CREATE TABLE IF NOT EXISTS {tables} (table_name TEXT PRIMARY KEY NOT NULL, source TEXT NOT NULL UNIQUE, \
+        "CREATE TABLE IF NOT EXISTS {tables} (table_name TEXT PRIMARY KEY NOT NULL, source TEXT NOT NULL, \
            parent TEXT, key_columns TEXT NOT NULL, created_at {ts} NOT NULL);\
          CREATE TABLE IF NOT EXISTS {columns} (id {id}, table_name TEXT NOT NULL, source_path TEXT NOT NULL, \
            value_type TEXT NOT NULL, column_name TEXT NOT NULL, created_at {ts} NOT NULL, \
@@ -205,8 +229,8 @@ impl Catalog {
         let mut family: FxHashMap<String, TableInfo> = FxHashMap::default();
         let mut by_name: FxHashMap<String, String> = FxHashMap::default();
         for row in tables {
-            let source: Vec<String> = serde_json::from_str(&row.source).unwrap_or_default();
-            if source.first().map(String::as_str) != Some(table) {
+            let source: Vec<serde_json::Value> = serde_json::from_str(&row.source).unwrap_or_default();
+            if source.first().and_then(|t| t.as_str()) != Some(table) {
                 continue;
             }
             let stored: Vec<(String, String)> =
@@ -215,12 +239,9 @@ impl Catalog {
                 .into_iter()
                 .filter_map(|(n, t)| ColType::parse(&t).map(|t| (n, t)))
                 .collect();
-            let array_path = path_key(&source[1..]);
-            by_name.insert(row.table_name.clone(), array_path.clone());
-            family.insert(
-                array_path,
-                TableInfo::new(row.table_name, source, key_columns, true),
-            );
+            let key = serde_json::to_string(&source[1..]).unwrap_or_else(|_| EMPTY_PATH.to_owned());
+            by_name.insert(row.table_name.clone(), key.clone());
+            family.insert(key, TableInfo::new(row.table_name, row.source, key_columns, true));
         }
         if !by_name.is_empty() {
             let names: Vec<Option<String>> = by_name.keys().cloned().map(Some).collect();
@@ -240,7 +261,9 @@ impl Catalog {
                 let Some(t) = ColType::parse(&c.value_type) else {
                     continue;
                 };
-                if c.column_name != OVERFLOW_COLUMN {
+                if c.column_name == OVERFLOW_COLUMN {
+                    info.overflow = true;
+                } else {
                     info.used.insert(c.column_name.clone(), t);
                 }
                 info.columns
@@ -272,12 +295,15 @@ impl Catalog {
         })
     }
 
-    /// Physical name for a new table of `source`, unique among the client's tables.
-    fn allocate_table_name(&mut self, source: &[String]) -> String {
-        let preferred = identifiers::preferred_name(source);
-        let name = if self.taken_names.contains(&preferred) || preferred.starts_with(SYSTEM_PREFIX)
-        {
-            identifiers::disambiguated_name(source)
+    /// Physical name for a new table at `array_path` (`[]` for the root), unique among the
+    /// client's tables: `<table>__<field>...`, or with a hash suffix when that is taken (an
+    /// array inside an object and one inside array elements can share field names).
+    fn allocate_table_name(&mut self, array_path: &str) -> String {
+        let mut names = vec![self.table.clone()];
+        names.extend(array_path_names(array_path));
+        let preferred = identifiers::preferred_name(&names);
+        let name = if self.taken_names.contains(&preferred) || preferred.starts_with(SYSTEM_PREFIX) {
+            identifiers::with_hash(&preferred, &[source_text(&self.table, array_path)])
         } else {
             preferred
         };
@@ -287,9 +313,8 @@ impl Catalog {
 
     /// Creates (in the catalog; DDL follows) the root table with the given key fields.
     pub fn create_root(&mut self, key_fields: &[String], key_types: &[ColType]) {
-        let source = vec![self.table.clone()];
-        let name = self.allocate_table_name(&source);
-        let mut info = TableInfo::new(name, source, Vec::new(), false);
+        let name = self.allocate_table_name(EMPTY_PATH);
+        let mut info = TableInfo::new(name, source_text(&self.table, EMPTY_PATH), Vec::new(), false);
         info.key_fields = key_fields.to_vec();
         let mut key_columns = Vec::new();
         for (field, t) in key_fields.iter().zip(key_types) {
@@ -302,9 +327,11 @@ impl Catalog {
         self.tables.insert(EMPTY_PATH.to_owned(), info);
     }
 
-    /// The child table for an array path, created in the catalog if new.
-    pub fn child_table(&mut self, array_path: &str, levels: usize) -> QueryResult<&mut TableInfo> {
-        if !self.tables.contains_key(array_path) {
+    /// The child table for an array path (see [`crate::flatten::ChildRow::array_path`]), with
+    /// `levels` enclosing arrays, created in the catalog if new. Returns its family key.
+    pub fn child_table(&mut self, array_path: &str, levels: usize) -> QueryResult<String> {
+        let key = array_path.to_owned();
+        if !self.tables.contains_key(&key) {
             let root = self
                 .tables
                 .get(EMPTY_PATH)
@@ -315,20 +342,14 @@ impl Catalog {
                 .map(|(col, t)| (fit_system_name(&format!("_intake_root_{col}"), col), *t))
                 .collect();
             for level in 0..levels {
-                key_columns.push((format!("_intake_pos_{level}"), ColType::BigInt));
+                key_columns.push((format!("{POSITION_PREFIX}{level}"), ColType::BigInt));
             }
-            let mut source = vec![self.table.clone()];
-            source.extend(path_segments(array_path));
-            let name = self.allocate_table_name(&source);
-            self.ddl.new_tables.push(array_path.to_owned());
-            self.tables.insert(
-                array_path.to_owned(),
-                TableInfo::new(name, source, key_columns, false),
-            );
+            let name = self.allocate_table_name(array_path);
+            let source = source_text(&self.table, array_path);
+            self.ddl.new_tables.push(key.clone());
+            self.tables.insert(key.clone(), TableInfo::new(name, source, key_columns, false));
         }
-        self.tables
-            .get_mut(array_path)
-            .ok_or(diesel::result::Error::NotFound)
+        Ok(key)
     }
 
     /// Writes pending DDL and catalog rows.
@@ -359,8 +380,7 @@ impl Catalog {
                 cols.join(", "),
                 pk.join(", ")
             ))?;
-            let parent =
-                (info.source.len() > 1).then(|| info.source[..info.source.len() - 1].to_vec());
+            let parent = (key != EMPTY_PATH).then(|| source_text(&self.table, &parent_array_path(&key)));
             let key_columns: Vec<(String, &str)> = info
                 .key_columns
                 .iter()
@@ -376,8 +396,8 @@ impl Catalog {
                 ),
                 vec![
                     Param::Text(Some(info.name.clone())),
-                    Param::Text(Some(source_key(&info.source))),
-                    Param::Text(parent.map(|p| source_key(&p))),
+                    Param::Text(Some(info.source.clone())),
+                    Param::Text(parent),
                     Param::Text(Some(serde_json::to_string(&key_columns).unwrap_or_default())),
                 ],
             )?;
@@ -402,6 +422,7 @@ impl Catalog {
                     .or_default()
                     .push(format!("ADD COLUMN {} {}", quote(&column), d.sql_type(t)));
             }
+            let Some(path) = path else { continue };
             let ph: Vec<String> = (1..=4).map(|i| d.placeholder(i)).collect();
             conn.execute(
                 &format!(
@@ -478,19 +499,7 @@ pub fn place_cell(catalog: &mut Catalog, table_key: &str, path: &str, cell: &Cel
         }
     }
     if info.used.len() >= MAX_COLUMNS {
-        if !info.has_overflow() {
-            info.columns.insert(
-                OVERFLOW_PATH.to_owned(),
-                vec![(ColType::Json, OVERFLOW_COLUMN.to_owned())],
-            );
-            ddl.new_columns.push(NewColumn {
-                table_key: table_key.to_owned(),
-                column: OVERFLOW_COLUMN.to_owned(),
-                value_type: ColType::Json,
-                path: OVERFLOW_PATH.to_owned(),
-                add: true,
-            });
-        }
+        ensure_overflow(info, ddl, table_key);
         info.columns
             .entry(path.to_owned())
             .or_default()
@@ -499,7 +508,7 @@ pub fn place_cell(catalog: &mut Catalog, table_key: &str, path: &str, cell: &Cel
             table_key: table_key.to_owned(),
             column: OVERFLOW_COLUMN.to_owned(),
             value_type: t,
-            path: path.to_owned(),
+            path: Some(path.to_owned()),
             add: false,
         });
         return Placement::Overflow;
@@ -514,6 +523,20 @@ pub fn place_cell(catalog: &mut Catalog, table_key: &str, path: &str, cell: &Cel
         None => assign_column(info, path, t, ddl, table_key, false),
     };
     Placement::Column(column, cell.clone())
+}
+
+/// Adds the overflow column to a table (once).
+pub fn ensure_overflow(info: &mut TableInfo, ddl: &mut PendingDdl, table_key: &str) {
+    if !info.overflow {
+        info.overflow = true;
+        ddl.new_columns.push(NewColumn {
+            table_key: table_key.to_owned(),
+            column: OVERFLOW_COLUMN.to_owned(),
+            value_type: ColType::Json,
+            path: None,
+            add: true,
+        });
+    }
 }
 
 /// A new home column for a path: its preferred name, or the hashed one if that is taken or
@@ -585,7 +608,7 @@ fn register(
         table_key: table_key.to_owned(),
         column: name.clone(),
         value_type: t,
-        path: path.to_owned(),
+        path: Some(path.to_owned()),
         add,
     });
     name

@@ -19,8 +19,11 @@ pub struct Row {
 /// One array element's row in a child table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChildRow {
-    /// JSON text of the array's path from the record root (through enclosing arrays); it
-    /// identifies the child table within the record's table family.
+    /// Where the array is: the JSON text of one path per enclosing array level, outermost
+    /// first, each relative to the element above it (`[["items"],["tags"]]`). It identifies
+    /// the child table within the record's table family without ambiguity: an array inside an
+    /// object (`[["customer","phones"]]`) differs from one inside array elements
+    /// (`[["customer"],["phones"]]`).
     pub array_path: String,
     /// Position of the element in each enclosing array, outermost first.
     pub positions: Vec<i64>,
@@ -69,18 +72,30 @@ impl OpenPath {
         text
     }
 
-    /// This path's segments appended to `prefix` (for nested arrays' table paths).
-    fn appended_to(&self, prefix: &OpenPath) -> OpenPath {
-        let inner = &self.0[1..];
-        if inner.is_empty() {
-            return prefix.clone();
-        }
-        let mut text = prefix.0.clone();
+}
+
+/// A child table's location under construction: [`ChildRow::array_path`] without its closing
+/// bracket.
+#[derive(Clone)]
+struct OpenLevels(String);
+
+impl OpenLevels {
+    fn root() -> OpenLevels {
+        OpenLevels("[".to_owned())
+    }
+
+    /// One array level deeper, at `path` relative to the current element.
+    fn deeper(&self, path: &OpenPath) -> OpenLevels {
+        let mut text = self.0.clone();
         if text.len() > 1 {
             text.push(',');
         }
-        text.push_str(inner);
-        OpenPath(text)
+        text.push_str(&path.closed());
+        OpenLevels(text)
+    }
+
+    fn closed(&self) -> String {
+        format!("{}]", self.0)
     }
 }
 
@@ -117,7 +132,7 @@ pub fn flatten_record(text: &str) -> Result<FlatRecord, String> {
     };
     let mut root = Row::default();
     let context = ArrayContext {
-        table_path: OpenPath::root(),
+        table_path: OpenLevels::root(),
         positions: Vec::new(),
     };
     flatten_object(fields, &OpenPath::root(), &context, &mut root, &mut out);
@@ -128,7 +143,7 @@ pub fn flatten_record(text: &str) -> Result<FlatRecord, String> {
 
 /// Where the row being filled lives: its table's array path and element positions.
 struct ArrayContext {
-    table_path: OpenPath,
+    table_path: OpenLevels,
     positions: Vec<i64>,
 }
 
@@ -156,7 +171,7 @@ fn flatten_value(
         Value::Null => {}
         Value::Object(fields) => flatten_object(fields, path, at, row, out),
         Value::Array(items) => {
-            let table_path = path.appended_to(&at.table_path);
+            let table_path = at.table_path.deeper(path);
             let array_path = table_path.closed();
             for (index, item) in items.into_iter().enumerate() {
                 let mut positions = at.positions.clone();
@@ -236,13 +251,13 @@ mod tests {
         assert_eq!(
             tables,
             vec![
-                (r#"["grid","value"]"#, vec![0, 0]),
-                (r#"["grid","value"]"#, vec![0, 1]),
-                (r#"["grid"]"#, vec![0]),
-                (r#"["items","tags"]"#, vec![0, 0]),
-                (r#"["items","tags"]"#, vec![0, 1]),
-                (r#"["items"]"#, vec![0]),
-                (r#"["items"]"#, vec![1]),
+                (r#"[["grid"],["value"]]"#, vec![0, 0]),
+                (r#"[["grid"],["value"]]"#, vec![0, 1]),
+                (r#"[["grid"]]"#, vec![0]),
+                (r#"[["items"],["tags"]]"#, vec![0, 0]),
+                (r#"[["items"],["tags"]]"#, vec![0, 1]),
+                (r#"[["items"]]"#, vec![0]),
+                (r#"[["items"]]"#, vec![1]),
             ]
         );
         assert_eq!(

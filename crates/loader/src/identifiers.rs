@@ -77,7 +77,8 @@ fn fit(name: &str, path: &[String]) -> String {
     }
 }
 
-fn with_hash(name: &str, path: &[String]) -> String {
+/// `name` cut to fit, plus `_` and 8 hex digits identifying `identity` (the original names).
+pub fn with_hash(name: &str, path: &[String]) -> String {
     let hash = path_hash(path);
     let keep = name.len().min(MAX_IDENTIFIER_BYTES - 9);
     format!("{}_{hash}", &name[..keep])

@@ -11,7 +11,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use crate::bulk::{Val, insert_rows};
 use crate::catalog::{
     Catalog, HISTORY_TABLE, LOADED_COLUMN, OVERFLOW_COLUMN, Placement, RECEIVED_COLUMN,
-    REJECTED_TABLE, SEQ_COLUMN, TableInfo, place_cell,
+    REJECTED_TABLE, SEQ_COLUMN, TableInfo, ensure_overflow, place_cell,
 };
 use crate::dialect::Dialect;
 use crate::flatten::{EMPTY_PATH, FlatRecord, flatten_record, path_key, path_segments};
@@ -163,17 +163,12 @@ pub fn load_chunk(
                 received: received.clone(),
             });
         for child in &a.flat.children {
-            catalog.child_table(&child.array_path, child.positions.len())?;
-            let row = assemble_row(
-                &mut catalog,
-                &mut per_table,
-                &child.array_path,
-                child.row.cells.iter(),
-            );
+            let child_key = catalog.child_table(&child.array_path, child.positions.len())?;
+            let row = assemble_row(&mut catalog, &mut per_table, &child_key, child.row.cells.iter());
             let mut keys = a.key_values.clone();
             keys.extend(child.positions.iter().map(|p| Val::Int(*p)));
             per_table
-                .entry(child.array_path.clone())
+                .entry(child_key)
                 .or_default()
                 .rows
                 .push(PendingRow {
@@ -198,17 +193,22 @@ pub fn load_chunk(
     let t_root = started.elapsed();
     // A replaced record's old child rows go, in every child table of the family, before the
     // new version's rows are written.
-    let winner_set: FxHashSet<i64> = winners.iter().copied().collect();
+    // Negative: written by a fresh insert (PostgreSQL only); see `write_table`.
+    let replaced: FxHashSet<i64> = winners.iter().copied().filter(|s| *s > 0).collect();
+    let winner_set: FxHashSet<i64> = winners.iter().map(|s| s.abs()).collect();
     if let Some(root) = catalog.tables.get(EMPTY_PATH)
         && !winners.is_empty()
     {
         let winner_keys: Vec<&Vec<Val>> = candidates
             .iter()
             .map(|&i| &accepted[i])
-            .filter(|a| winner_set.contains(&a.staged.seq))
+            .filter(|a| replaced.contains(&a.staged.seq))
             .map(|a| &a.key_values)
             .collect();
-        for key in pre_existing.iter().filter(|k| k.as_str() != EMPTY_PATH) {
+        for key in pre_existing
+            .iter()
+            .filter(|k| k.as_str() != EMPTY_PATH && !winner_keys.is_empty())
+        {
             if let Some(info) = catalog.tables.get(key) {
                 delete_children(conn, &catalog, root, info, &winner_keys)?;
             }
@@ -254,22 +254,32 @@ pub fn load_chunk(
     })
 }
 
+/// Bytes of column data a PostgreSQL row may take before further values go to the overflow
+/// column: a heap row must fit in an 8 KB page, and short values cannot be moved out of line.
+const PG_ROW_BUDGET: usize = 6000;
+
 /// Places a row's cells into columns of table `table_key`, returning the values by column
-/// index and any overflow fields.
+/// index and any overflow fields. On PostgreSQL, values that would push the row past
+/// [`PG_ROW_BUDGET`] go to the overflow column instead of failing the row.
 fn assemble_row<'c>(
     catalog: &mut Catalog,
     per_table: &mut FxHashMap<String, TableRows>,
     table_key: &str,
     cells: impl Iterator<Item = &'c (String, Cell)>,
-) -> (
-    Vec<(usize, Val)>,
-    serde_json::Map<String, serde_json::Value>,
-) {
+) -> (Vec<(usize, Val)>, serde_json::Map<String, serde_json::Value>) {
+    let budget = (catalog.dialect == Dialect::Postgres).then_some(PG_ROW_BUDGET);
+    let mut size = 0usize;
     let mut values = Vec::new();
     let mut overflow = serde_json::Map::new();
     for (path, cell) in cells {
         match place_cell(catalog, table_key, path, cell) {
             Placement::Column(name, stored) => {
+                let width = inline_width(&stored);
+                if budget.is_some_and(|b| size + width > b) {
+                    overflow.insert(path_segments(path).join("."), cell.to_json());
+                    continue;
+                }
+                size += width;
                 let rows = match per_table.get_mut(table_key) {
                     Some(rows) => rows,
                     None => per_table.entry(table_key.to_owned()).or_default(),
@@ -281,7 +291,24 @@ fn assemble_row<'c>(
             }
         }
     }
+    if !overflow.is_empty() {
+        let Catalog { tables, ddl, .. } = catalog;
+        if let Some(info) = tables.get_mut(table_key) {
+            ensure_overflow(info, ddl, table_key);
+        }
+    }
     (values, overflow)
+}
+
+/// Roughly how many bytes a value takes inside a PostgreSQL row (long text is moved out of
+/// line and leaves a pointer).
+fn inline_width(cell: &Cell) -> usize {
+    match cell {
+        Cell::Bool(_) => 1,
+        Cell::Int(_) | Cell::Float(_) | Cell::Time(..) => 8,
+        Cell::Text(s) if s.len() > 2000 => 20,
+        Cell::Text(s) => s.len() + 4,
+    }
 }
 
 /// Key column types for a new table, from the first record that declares its keys.
@@ -445,10 +472,19 @@ fn write_table(
         sets.push(format!("{} = excluded.{}", quote(system), quote(system)));
     }
     let tail = format!(
-        "ON CONFLICT ({}) DO UPDATE SET {} WHERE t.{seq} < excluded.{seq} RETURNING {seq} AS v",
+        "ON CONFLICT ({}) DO UPDATE SET {} WHERE t.{seq} < excluded.{seq} RETURNING {returning} AS v",
         keys.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", "),
         sets.join(", "),
-        seq = quote(SEQ_COLUMN)
+        seq = quote(SEQ_COLUMN),
+        // On PostgreSQL a freshly inserted row (xmax = 0) comes back negated: it replaced
+        // nothing, so it has no old child rows to delete.
+        returning = match catalog.dialect {
+            Dialect::Postgres => format!(
+                "CASE WHEN t.xmax = 0 THEN -t.{0} ELSE t.{0} END",
+                quote(SEQ_COLUMN)
+            ),
+            Dialect::Sqlite => quote(SEQ_COLUMN),
+        }
     );
     insert_rows(conn, &table_ref, &columns, values, &tail, true)
 }

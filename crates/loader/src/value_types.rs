@@ -111,10 +111,14 @@ pub fn scalar_cell(value: &serde_json::Value) -> Option<Cell> {
         serde_json::Value::Bool(b) => Some(Cell::Bool(*b)),
         serde_json::Value::Number(n) => Some(if let Some(i) = n.as_i64() {
             Cell::Int(i)
-        } else if n.is_u64() {
-            Cell::Text(n.to_string())
         } else {
-            Cell::Float(n.as_f64().unwrap_or(f64::NAN))
+            // serde_json keeps the number's text (arbitrary_precision): integers beyond 64
+            // bits, and numbers no double can hold (1e400), stay exact as text.
+            let text = n.to_string();
+            match n.as_f64() {
+                Some(f) if f.is_finite() && text.contains(['.', 'e', 'E']) => Cell::Float(f),
+                _ => Cell::Text(text),
+            }
         }),
         serde_json::Value::String(s) => Some(match parse_datetime(s) {
             Some(t) => Cell::Time(t, s.clone()),

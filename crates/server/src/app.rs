@@ -9,6 +9,8 @@ use intake_core::settings::Settings;
 use crate::auth::KeyVerifier;
 use crate::db_gate::DbGate;
 use crate::errors::ApiError;
+use crate::group_commit::GroupCommitter;
+use crate::rate_limit::RateLimiter;
 use crate::{health, ingest};
 
 /// What every handler can reach.
@@ -16,6 +18,10 @@ pub struct AppState {
     pub settings: Settings,
     pub gate: DbGate,
     pub keys: Arc<KeyVerifier>,
+    /// Per-key token buckets; `None` when `rate_limit.enabled` is false.
+    pub rate_limiter: Option<RateLimiter>,
+    /// Writes pushes to staging, several requests per transaction.
+    pub committer: GroupCommitter,
 }
 
 impl AppState {

@@ -71,6 +71,14 @@ impl ApiError {
         ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message)
     }
 
+    /// 429: the client should slow down and may retry after `retry_after` seconds.
+    pub fn too_many_requests(message: impl Into<String>, retry_after: u64) -> ApiError {
+        ApiError {
+            retry_after: Some(retry_after),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, message)
+        }
+    }
+
     pub fn unavailable(retry_after: u64) -> ApiError {
         ApiError {
             retry_after: Some(retry_after),

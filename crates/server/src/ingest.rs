@@ -6,8 +6,8 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures_util::StreamExt;
+use intake_core::keys::parse_key;
 use intake_core::push_body::{BodyRejection, parse_push_body};
-use intake_core::staging::{self, StagedBatch};
 use intake_core::table_name::normalize_table_name;
 use serde_json::json;
 
@@ -15,6 +15,7 @@ use crate::access_log::RecordCount;
 use crate::app::AppState;
 use crate::auth::{AuthFailure, presented_key};
 use crate::errors::ApiError;
+use crate::rate_limit::RetryAfter;
 
 /// Whether a push route belongs to the sandbox, which validates but stores nothing.
 pub struct Sandbox(pub bool);
@@ -53,26 +54,28 @@ pub async fn push(
         })?;
     let accepted = records.len();
     if !sandbox.0 {
-        let records: Vec<String> = records.into_iter().map(str::to_owned).collect();
-        let received_at = intake_core::timestamps::now();
-        let committed = state
-            .gate
-            .run(move |conn| {
-                let refs: Vec<&str> = records.iter().map(String::as_str).collect();
-                staging::append(
-                    conn,
-                    &StagedBatch {
-                        client_id,
-                        table: &table,
-                        received_at,
-                        records: &refs,
-                    },
-                )
+        // Each record's byte range in the body, so the body travels to the database uncopied.
+        let base = body.as_ptr() as usize;
+        let ranges: Vec<(usize, usize)> = records
+            .iter()
+            .map(|r| {
+                let start = r.as_ptr() as usize - base;
+                (start, start + r.len())
             })
-            .await;
-        if let Err(e) = committed {
-            log::error!("push for client {client_id} not stored: {e}");
-            return Err(state.unavailable());
+            .collect();
+        let body = String::from_utf8(body)
+            .map_err(|_| ApiError::bad_request("request body is not UTF-8", vec![]))?;
+        let received_at = intake_core::timestamps::now();
+        match state
+            .committer
+            .commit(client_id, table, received_at, body, ranges)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                log::error!("push for client {client_id} not stored: {e:?}");
+                return Err(state.unavailable());
+            }
         }
     }
     let mut response = HttpResponse::Created().json(json!({
@@ -87,7 +90,8 @@ pub async fn push(
     Ok(response)
 }
 
-/// The client id a request may act for: its key must be valid (401) and be that client's (403).
+/// The client id a request may act for: its key must be valid (401), within its rate limit
+/// (429) and be that client's (403).
 async fn authorize(req: &HttpRequest, cid: &str, state: &AppState) -> Result<i64, ApiError> {
     let key = presented_key(req).ok_or_else(ApiError::unauthorized)?;
     let key_client = state
@@ -100,19 +104,35 @@ async fn authorize(req: &HttpRequest, cid: &str, state: &AppState) -> Result<i64
                 log::error!("key lookup failed: {e}");
                 state.unavailable()
             }
-            AuthFailure::Throttled(secs) => ApiError {
-                retry_after: Some(secs),
-                ..ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too many wrong secrets were tried for this key id; retry later",
-                )
-            },
+            AuthFailure::Throttled(secs) => ApiError::too_many_requests(
+                "too many wrong secrets were tried for this key id; retry later",
+                secs,
+            ),
         })?;
+    check_rate_limit(&key, state)?;
     // Only the canonical spelling names a client: not "+42", not "0042".
     match cid.parse::<i64>() {
         Ok(id) if id == key_client && id.to_string() == cid => Ok(id),
         _ => Err(ApiError::forbidden(&shorten(cid))),
     }
+}
+
+/// Takes one request from the verified key's allowance (`[rate_limit]`), or answers 429.
+fn check_rate_limit(verified_key: &str, state: &AppState) -> Result<(), ApiError> {
+    let (Some(limiter), Some(presented)) = (&state.rate_limiter, parse_key(verified_key)) else {
+        return Ok(());
+    };
+    limiter.check(presented.key_id).map_err(|RetryAfter(secs)| {
+        let limits = &state.settings.rate_limit;
+        ApiError::too_many_requests(
+            format!(
+                "rate limit exceeded for this API key ({} requests per second, bursts of {}); \
+                 retry after {secs} s",
+                limits.requests_per_sec, limits.burst
+            ),
+            secs,
+        )
+    })
 }
 
 fn shorten(text: &str) -> String {

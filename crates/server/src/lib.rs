@@ -5,8 +5,10 @@ pub mod app;
 pub mod auth;
 pub mod db_gate;
 pub mod errors;
+pub mod group_commit;
 pub mod health;
 pub mod ingest;
+pub mod rate_limit;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +24,8 @@ use intake_core::settings::{DatabaseSettings, EmbeddedLoader, Settings};
 use crate::app::AppState;
 use crate::auth::KeyVerifier;
 use crate::db_gate::DbGate;
+use crate::group_commit::GroupCommitter;
+use crate::rate_limit::RateLimiter;
 
 #[derive(Parser)]
 #[command(name = "intake-server", version, about = "Intake's HTTP ingest server")]
@@ -72,7 +76,8 @@ pub fn init_logging() {
     .try_init();
 }
 
-fn serve(settings: Settings) -> anyhow::Result<()> {
+/// Runs the server with the given settings until it is stopped (SIGTERM / Ctrl-C).
+pub fn serve(settings: Settings) -> anyhow::Result<()> {
     let target = DatabaseTarget::parse(&settings.database.url)?;
     if settings.database.migrate_on_start {
         db::run_migrations(&target, &settings.database)?;
@@ -98,6 +103,21 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
             every.as_secs()
         );
     }
+    // Staging writes go through the group committer; a couple of connections stay free for
+    // key lookups and readiness checks. SQLite has one writer at a time anyway: more writer
+    // threads would only take turns through its busy handler's sleeps.
+    let writers = if target.is_sqlite() {
+        1
+    } else {
+        (settings.database.pool_size as usize)
+            .saturating_sub(2)
+            .max(1)
+    };
+    let committer = GroupCommitter::start(
+        pool.clone(),
+        writers,
+        Duration::from_millis(settings.database.checkout_timeout_ms),
+    )?;
     let gate = DbGate::new(
         pool,
         settings.database.pool_size as usize,
@@ -108,10 +128,20 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         Duration::from_secs(settings.auth.cache_ttl_secs),
     ));
     let state = web::Data::new(AppState {
+        committer,
         settings: settings.clone(),
         gate,
         keys: keys.clone(),
+        rate_limiter: RateLimiter::from_settings(&settings.rate_limit),
     });
+
+    if settings.rate_limit.enabled {
+        log::info!(
+            "rate limit: {} requests/s per API key, bursts of {} (rate_limit)",
+            settings.rate_limit.requests_per_sec,
+            settings.rate_limit.burst
+        );
+    }
 
     let workers = match settings.server.workers {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
