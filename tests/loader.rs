@@ -700,7 +700,8 @@ fn an_array_in_an_object_and_an_array_in_array_elements_stay_apart(backend: Back
     }
 
     // The one seen first keeps the plain name, the later one gets the hash suffix, and
-    // `_intake_tables` tells them apart: the same source, but not the same depth.
+    // `_intake_tables` tells them apart: one path per array level in `source`, one position
+    // column per level in `key_columns`.
     let catalog = rows(&db, "_intake_tables", "\"table_name\"");
     let depth = |entry: &Value| -> usize {
         let keys: Vec<(String, String)> =
@@ -713,13 +714,15 @@ fn an_array_in_an_object_and_an_array_in_array_elements_stay_apart(backend: Back
         // A source is the pushed table, then one path per array level; both tables hold
         // the field path customer → phones, split differently.
         let names = |entry: &Value| -> Vec<String> {
-            let source: Value =
-                serde_json::from_str(entry["source"].as_str().unwrap_or("null")).unwrap_or_default();
+            let source: Value = serde_json::from_str(entry["source"].as_str().unwrap_or("null"))
+                .unwrap_or_default();
             let mut names = Vec::new();
             for part in source.as_array().into_iter().flatten() {
                 match part {
                     Value::String(name) => names.push(name.clone()),
-                    Value::Array(path) => names.extend(path.iter().filter_map(|n| n.as_str()).map(str::to_owned)),
+                    Value::Array(path) => {
+                        names.extend(path.iter().filter_map(|n| n.as_str()).map(str::to_owned))
+                    }
                     _ => {}
                 }
             }
@@ -748,6 +751,18 @@ fn an_array_in_an_object_and_an_array_in_array_elements_stay_apart(backend: Back
             (&phone_tables[1].1, &phone_tables[0].1)
         };
         assert_eq!(first, &plain, "{root}");
+        let source_of = |table: &str| -> Value {
+            let entry = row_where(&catalog, "table_name", &json!(table));
+            serde_json::from_str(entry["source"].as_str().unwrap_or("null")).unwrap_or_default()
+        };
+        assert_eq!(
+            (source_of(&phone_tables[0].1), source_of(&phone_tables[1].1)),
+            (
+                json!([root, ["customer", "phones"]]),
+                json!([root, ["customer"], ["phones"]])
+            ),
+            "{root}: the sources docs/warehouse.md describes"
+        );
         let suffix = &later[later.len().saturating_sub(9)..];
         assert!(
             later.starts_with(&plain)
@@ -778,6 +793,14 @@ fn an_array_in_an_object_and_an_array_in_array_elements_stay_apart(backend: Back
         .iter()
         .filter_map(|t| t["source"].as_str())
         .collect();
+    let mut distinct = sources.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        sources.len(),
+        "two tables with one source: {sources:?}"
+    );
     for entry in &catalog {
         if let Some(parent) = entry["parent"].as_str() {
             assert!(
@@ -1309,8 +1332,8 @@ fn column_names_are_cleaned_shortened_and_recorded(backend: Backend) {
     assert_eq!(column_of(&maps, &child, &["x"]), "x");
     let tables = rows(&db, "_intake_tables", "\"table_name\"");
     let recorded = row_where(&tables, "table_name", &json!(child));
-    let source: Value = serde_json::from_str(recorded["source"].as_str().expect("source"))
-        .expect("source is JSON");
+    let source: Value =
+        serde_json::from_str(recorded["source"].as_str().expect("source")).expect("source is JSON");
     assert_eq!(source, json!(["people", [long_array]]));
 
     // A long key name, and the longest table name, with child tables: every name fits.

@@ -21,6 +21,8 @@ use diesel::{Connection, QueryableByName, RunQueryDsl};
 use serde_json::Value;
 use tempfile::TempDir;
 
+/// A private PostgreSQL cluster a test may stop and start, immutable files, database dumps.
+pub mod cluster;
 /// Fault injection: killing and restarting processes, direct warehouse reads, raw TCP.
 pub mod faults;
 

@@ -12,6 +12,9 @@ use serde_json::value::RawValue;
 pub const MAX_STRING_KEY_BYTES: usize = 1024;
 /// Most reasons listed in one error answer; the rest are counted.
 pub const MAX_REASONS: usize = 100;
+/// Most key fields a record may declare (a primary key wider than this is no key; PostgreSQL
+/// indexes at most 32 columns, and child tables add position columns to the root's keys).
+pub const MAX_KEY_FIELDS: usize = 16;
 
 /// Limits a body must respect; they come from `[server]` settings.
 #[derive(Debug, Clone, Copy)]
@@ -137,6 +140,7 @@ fn validate_record(record: &RawValue) -> Result<(), String> {
     if !record.get().starts_with('{') {
         return Err("must be a JSON object".into());
     }
+    check_unicode_escapes(record.get())?;
     let fields: HashMap<String, &RawValue> =
         serde_json::from_str(record.get()).map_err(|e| format!("is not a valid object: {e}"))?;
     let keys_raw = fields
@@ -146,6 +150,9 @@ fn validate_record(record: &RawValue) -> Result<(), String> {
         .map_err(|_| "\"keys\" must be a non-empty array of field names")?;
     if keys.is_empty() {
         return Err("\"keys\" must be a non-empty array of field names".into());
+    }
+    if keys.len() > MAX_KEY_FIELDS {
+        return Err(format!("\"keys\" names {} fields; at most {MAX_KEY_FIELDS} are allowed", keys.len()));
     }
     let mut seen: Vec<&str> = Vec::with_capacity(keys.len());
     for key in &keys {
@@ -205,6 +212,41 @@ fn check_key_value(name: &str, value: &RawValue) -> Result<(), String> {
             }
         }
     }
+}
+
+/// Refuses `\\u` escapes that are not Unicode text: a lone surrogate (`\\ud800` without its
+/// pair) is valid JSON syntax but no string can hold it, so the record could never load.
+fn check_unicode_escapes(text: &str) -> Result<(), String> {
+    let bytes = text.as_bytes();
+    let hex4 = |at: usize| -> Option<u32> {
+        let digits = bytes.get(at..at + 4)?;
+        u32::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    };
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        if bytes.get(i + 1) != Some(&b'u') {
+            i += 2;
+            continue;
+        }
+        let unit = hex4(i + 2).ok_or("holds a malformed \\u escape")?;
+        i += 6;
+        match unit {
+            0xD800..=0xDBFF => {
+                let low = if bytes.get(i) == Some(&b'\\') && bytes.get(i + 1) == Some(&b'u') { hex4(i + 2) } else { None };
+                match low {
+                    Some(0xDC00..=0xDFFF) => i += 6,
+                    _ => return Err(format!("holds a lone surrogate escape \\u{unit:04x}, which is not text")),
+                }
+            }
+            0xDC00..=0xDFFF => return Err(format!("holds a lone surrogate escape \\u{unit:04x}, which is not text")),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// A field name as shown in a reason: quoted, and cut short if it is huge.
@@ -310,6 +352,19 @@ mod tests {
             Err(BodyRejection::TooManyRecords { count: 4, max: 3 })
         );
         assert!(reasons("[{\"a\":\"\\ud800\",\"keys\":[\"a\"]}]")[0].contains("invalid"));
+    }
+
+    #[test]
+    fn lone_surrogates_and_too_many_keys_are_refused() {
+        let ok = r#"{"k":"\ud83d\ude00 \u00e9 \\ud800","keys":["k"]}"#;
+        assert!(parse_push_body(ok.as_bytes(), LIMITS).is_ok(), "a pair, a plain escape, an escaped backslash");
+        for bad in [r#"{"k":1,"v":"\ud800","keys":["k"]}"#, r#"{"k":1,"v":"\udc00\ud800","keys":["k"]}"#, r#"{"k":1,"\ud800x":1,"keys":["k"]}"#] {
+            assert!(reasons(bad)[1].contains("lone surrogate"), "{bad}");
+        }
+        let fields: Vec<String> = (0..17).map(|i| format!("\"f{i}\":{i}")).collect();
+        let names: Vec<String> = (0..17).map(|i| format!("\"f{i}\"")).collect();
+        let wide = format!("{{{},\"keys\":[{}]}}", fields.join(","), names.join(","));
+        assert!(reasons(&wide)[1].contains("at most 16"));
     }
 
     #[test]

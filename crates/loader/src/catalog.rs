@@ -302,8 +302,9 @@ impl Catalog {
         let mut names = vec![self.table.clone()];
         names.extend(array_path_names(array_path));
         let preferred = identifiers::preferred_name(&names);
-        let name = if self.taken_names.contains(&preferred) || preferred.starts_with(SYSTEM_PREFIX) {
-            identifiers::with_hash(&preferred, &[source_text(&self.table, array_path)])
+        let taken = &self.taken_names;
+        let name = if taken.contains(&preferred) || preferred.starts_with(SYSTEM_PREFIX) {
+            unused_hashed(&preferred, &[source_text(&self.table, array_path)], |n| taken.contains(n))
         } else {
             preferred
         };
@@ -556,7 +557,12 @@ fn assign_column(
         identifiers::preferred_name(&segments)
     };
     let name = if info.used.contains_key(&preferred) || preferred.starts_with(SYSTEM_PREFIX) {
-        identifiers::disambiguated_name(&with_marker(segments))
+        let head = identifiers::disambiguated_name(&with_marker(segments.clone()));
+        if info.used.contains_key(&head) {
+            unused_hashed(&preferred, &with_marker(segments), |n| info.used.contains_key(n))
+        } else {
+            head
+        }
     } else {
         preferred
     };
@@ -577,8 +583,28 @@ fn assign_sibling(
         let mut marked = with_marker(segments);
         marked.push(t.as_str().to_owned());
         name = identifiers::disambiguated_name(&marked);
+        if info.used.contains_key(&name) {
+            name = unused_hashed(home, &marked, |n| info.used.contains_key(n));
+        }
     }
     register(info, path, t, name, ddl, table_key, true)
+}
+
+/// `head` with a hash of `identity` and a counter, the first such name not `taken`: a user
+/// can send a field literally named like another field's hashed name.
+fn unused_hashed(head: &str, identity: &[String], taken: impl Fn(&str) -> bool) -> String {
+    let mut salted = identity.to_vec();
+    salted.push(String::new());
+    for salt in 1u64.. {
+        if let Some(last) = salted.last_mut() {
+            *last = format!("#{salt}");
+        }
+        let name = identifiers::with_hash(head, &salted);
+        if !taken(&name) {
+            return name;
+        }
+    }
+    identifiers::with_hash(head, identity)
 }
 
 /// Paths of scalar array elements are empty; give hashing something to work with.

@@ -41,6 +41,11 @@ pub struct FlatRecord {
     pub has_nul: bool,
 }
 
+/// Deepest array nesting that gets child tables: a child table's primary key is the root's
+/// keys (at most 16) plus one position per level, and PostgreSQL indexes at most 32 columns.
+/// Arrays nested deeper are kept whole, as JSON text, in a column of the deepest table.
+pub const MAX_ARRAY_LEVELS: usize = 15;
+
 /// Path segment used for arrays nested directly in arrays, and the column of scalar elements.
 pub const ELEMENT_SEGMENT: &str = "value";
 /// The path of the table family's root (and of a scalar array element's value).
@@ -170,6 +175,11 @@ fn flatten_value(
     match value {
         Value::Null => {}
         Value::Object(fields) => flatten_object(fields, path, at, row, out),
+        Value::Array(items) if at.positions.len() >= MAX_ARRAY_LEVELS => {
+            let text = serde_json::to_string(&Value::Array(items)).unwrap_or_default();
+            out.has_nul |= text.contains("\\u0000");
+            row.cells.push((path.closed(), Cell::Text(text)));
+        }
         Value::Array(items) => {
             let table_path = at.table_path.deeper(path);
             let array_path = table_path.closed();
@@ -278,6 +288,17 @@ mod tests {
             vec!["a\"b".to_owned(), "[,]".to_owned()]
         );
         assert_eq!(&path_key(&path_segments(key)), key);
+    }
+
+    #[test]
+    fn arrays_nested_too_deep_are_kept_as_json_text() {
+        let depth = MAX_ARRAY_LEVELS + 2;
+        let text = format!(r#"{{"k": 1, "keys": ["k"], "a": {}7{}}}"#, "[".repeat(depth), "]".repeat(depth));
+        let rec = flatten_record(&text).expect("flattens");
+        let deepest = rec.children.iter().map(|c| c.positions.len()).max();
+        assert_eq!(deepest, Some(MAX_ARRAY_LEVELS));
+        let kept: Vec<&Cell> = rec.children.iter().flat_map(|c| c.row.cells.iter().map(|(_, v)| v)).collect();
+        assert_eq!(kept, vec![&Cell::Text("[[7]]".into())]);
     }
 
     #[test]
