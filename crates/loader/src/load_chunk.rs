@@ -193,16 +193,16 @@ pub fn load_chunk(
     let t_root = started.elapsed();
     // A replaced record's old child rows go, in every child table of the family, before the
     // new version's rows are written.
-    // Negative: written by a fresh insert (PostgreSQL only); see `write_table`.
-    let replaced: FxHashSet<i64> = winners.iter().copied().filter(|s| *s > 0).collect();
-    let winner_set: FxHashSet<i64> = winners.iter().map(|s| s.abs()).collect();
+    // Every winner's old child rows go, also where its root row is new: child rows left
+    // without their root (deleted by hand, say) must not block the new version.
+    let winner_set: FxHashSet<i64> = winners.iter().copied().collect();
     if let Some(root) = catalog.tables.get(EMPTY_PATH)
         && !winners.is_empty()
     {
         let winner_keys: Vec<&Vec<Val>> = candidates
             .iter()
             .map(|&i| &accepted[i])
-            .filter(|a| replaced.contains(&a.staged.seq))
+            .filter(|a| winner_set.contains(&a.staged.seq))
             .map(|a| &a.key_values)
             .collect();
         for key in pre_existing
@@ -472,19 +472,10 @@ fn write_table(
         sets.push(format!("{} = excluded.{}", quote(system), quote(system)));
     }
     let tail = format!(
-        "ON CONFLICT ({}) DO UPDATE SET {} WHERE t.{seq} < excluded.{seq} RETURNING {returning} AS v",
+        "ON CONFLICT ({}) DO UPDATE SET {} WHERE t.{seq} < excluded.{seq} RETURNING {seq} AS v",
         keys.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", "),
         sets.join(", "),
         seq = quote(SEQ_COLUMN),
-        // On PostgreSQL a freshly inserted row (xmax = 0) comes back negated: it replaced
-        // nothing, so it has no old child rows to delete.
-        returning = match catalog.dialect {
-            Dialect::Postgres => format!(
-                "CASE WHEN t.xmax = 0 THEN -t.{0} ELSE t.{0} END",
-                quote(SEQ_COLUMN)
-            ),
-            Dialect::Sqlite => quote(SEQ_COLUMN),
-        }
     );
     insert_rows(conn, &table_ref, &columns, values, &tail, true)
 }

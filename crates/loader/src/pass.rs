@@ -166,13 +166,19 @@ fn load_table(
                 }
             }
             Err(e) => {
-                log::warn!(
-                    "loading client {client_id} table {table} failed ({e}); isolating the records at fault"
-                );
                 if crate::sql::ping(conn).is_err() {
                     result.error = Some(format!("database unavailable: {e}"));
                     return;
                 }
+                if is_transient(&e) {
+                    // Lock or statement timeouts, deadlocks, a busy SQLite file: nothing is
+                    // wrong with the records, so they stay staged for the next pass.
+                    result.error = Some(format!("database busy, will retry next pass: {e}"));
+                    return;
+                }
+                log::warn!(
+                    "loading client {client_id} table {table} failed ({e}); isolating the records at fault"
+                );
                 match salvage(conn, client_id, &table, chunk_size, &e.to_string()) {
                     Ok(Some((outcome, n))) => {
                         result.loaded += outcome.loaded;
@@ -257,6 +263,21 @@ fn load_split(
             load_split(conn, client_id, table, left, total)?;
             load_split(conn, client_id, table, right, total)
         }
+    }
+}
+
+/// Whether a failed chunk failed because of contention or timeouts rather than its data.
+fn is_transient(error: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match error {
+        Error::DatabaseError(DatabaseErrorKind::SerializationFailure | DatabaseErrorKind::ClosedConnection, _) => true,
+        Error::DatabaseError(_, info) => {
+            let message = info.message().to_ascii_lowercase();
+            ["deadlock detected", "lock timeout", "statement timeout", "database is locked", "database table is locked", "canceling statement"]
+                .iter()
+                .any(|m| message.contains(m))
+        }
+        _ => false,
     }
 }
 
