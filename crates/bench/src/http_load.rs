@@ -40,7 +40,12 @@ impl LoadResult {
 
 /// Sends `requests` (cycled, each thread starting at its own offset) from `threads` threads
 /// for `duration`; a request counts as successful when it gets `ok_status`.
-pub fn run(threads: usize, duration: Duration, requests: &[Request], ok_status: u16) -> LoadResult {
+///
+/// With `rate` (requests per second over all threads) each thread sends on a fixed schedule
+/// and a request's latency is counted from when it was due, not when it went out, so a slow
+/// answer that delays the next send is not hidden (no coordinated omission). Without it,
+/// each thread sends as fast as answers come back (the throughput ceiling).
+pub fn run(threads: usize, duration: Duration, requests: &[Request], ok_status: u16, rate: Option<f64>) -> LoadResult {
     let stop = Arc::new(AtomicBool::new(false));
     let requests = Arc::new(requests.to_vec());
     let started = Instant::now();
@@ -59,10 +64,22 @@ pub fn run(threads: usize, duration: Duration, requests: &[Request], ok_status: 
                 let mut statuses: Vec<(u16, usize)> = Vec::new();
                 let mut failures = 0;
                 let mut i = t * 7919;
+                let interval = rate.map(|r| Duration::from_secs_f64(threads as f64 / r));
+                let mut due = Instant::now() + interval.map_or(Duration::ZERO, |iv| iv.mul_f64(t as f64 / threads as f64));
                 while !stop.load(Ordering::Relaxed) {
                     let request = &requests[i % requests.len()];
                     i += 1;
-                    let sent = Instant::now();
+                    let sent = match interval {
+                        Some(interval) => {
+                            let scheduled = due;
+                            due += interval;
+                            if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+                                std::thread::sleep(wait);
+                            }
+                            scheduled
+                        }
+                        None => Instant::now(),
+                    };
                     let outcome = match request {
                         Request::Get(url) => agent.get(url).call(),
                         Request::Post { url, body } => agent

@@ -43,6 +43,7 @@ pub fn ingest(
     connections: usize,
     seconds: u64,
     batch: usize,
+    paced_records: f64,
 ) -> anyhow::Result<()> {
     let name = if postgres { "PostgreSQL" } else { "SQLite" };
     let db = FreshDb::create(postgres)?;
@@ -62,10 +63,15 @@ pub fn ingest(
             body: Arc::new(format!("[{}]", records.join(","))),
         })
         .collect();
-    let mut result = http_load::run(connections, Duration::from_secs(seconds), &requests, 201);
+    let mut result = http_load::run(connections, Duration::from_secs(seconds), &requests, 201, None);
+    let pace = Some(paced_records / batch as f64);
+    let mut paced = http_load::run(connections, Duration::from_secs(seconds), &requests, 201, pace);
     let acknowledged = result.ok() * batch;
     let rate = acknowledged as f64 / result.elapsed.as_secs_f64();
     let (p50, p99) = (result.quantile(0.5), result.quantile(0.99));
+    let paced_rate = (paced.ok() * batch) as f64 / paced.elapsed.as_secs_f64();
+    let (paced_p50, paced_p99) = (paced.quantile(0.5), paced.quantile(0.99));
+    let acknowledged = acknowledged + paced.ok() * batch;
     let rss = server.peak_rss_mib();
     drop(server);
     let staged = staged_count(&mut pool.get()?)?;
@@ -144,7 +150,16 @@ pub fn ingest(
         p99.as_secs_f64() * 1000.0
     );
     println!(
-        "  {:<34} {:>9.0} records/s  ({} records)",
+        "  {:<34} {:>9.0} records/s  ({} requests ok, {} not: {:?})  p50 {:.1} ms  p99 {:.1} ms",
+        format!("paced at {paced_records:.0} records/s"),
+        paced_rate,
+        paced.ok(),
+        paced.failures,
+        paced.statuses,
+        paced_p50.as_secs_f64() * 1000.0,
+        paced_p99.as_secs_f64() * 1000.0
+    );
+    println!("  {:<34} {:>9.0} records/s  ({} records)",
         format!("baseline ({baseline_name})"),
         baseline_rate,
         all.len()
@@ -206,15 +221,11 @@ pub fn auth(connections: usize, seconds: u64) -> anyhow::Result<()> {
     let mut warm = http_load::run(
         connections,
         Duration::from_secs(seconds),
-        &[Request::Get(auth_url)],
-        200,
-    );
+&[Request::Get(auth_url)], 200, None);
     let mut floor = http_load::run(
         connections,
         Duration::from_secs(seconds),
-        &[Request::Get(format!("{}/health", server.base_url))],
-        200,
-    );
+&[Request::Get(format!("{}/health", server.base_url))], 200, None);
     let warm_rate = warm.ok() as f64 / warm.elapsed.as_secs_f64();
     let floor_rate = floor.ok() as f64 / floor.elapsed.as_secs_f64();
     let mean = |d: &[Duration]| {

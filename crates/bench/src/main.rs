@@ -63,6 +63,9 @@ enum Scenario {
         seconds: u64,
         #[arg(long, default_value_t = 100)]
         batch: usize,
+        /// Records/s of the paced run, which measures latency at a fixed rate.
+        #[arg(long, default_value_t = 50_000.0)]
+        paced_records: f64,
     },
     /// Authenticate requests/s with a warm key cache against GET /health, and a cold key's cost.
     Auth {
@@ -106,16 +109,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Scenario::Ingest {
-            backend,
-            connections,
-            seconds,
-            batch,
-        } => {
+        Scenario::Ingest { backend, connections, seconds, batch, paced_records } => {
             print_machine();
             for b in [Backend::Postgres, Backend::Sqlite] {
                 if backend == b || backend == Backend::Both {
-                    ingest::ingest(b == Backend::Postgres, connections, seconds, batch)?;
+                    ingest::ingest(b == Backend::Postgres, connections, seconds, batch, paced_records)?;
                 }
             }
             Ok(())
