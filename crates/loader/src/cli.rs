@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use intake_core::db::{self, DatabaseTarget, DbPool};
 use intake_core::settings::Settings;
 
-use crate::pass::{Event, PassReport, conn_of, run_pass};
+use crate::pass::{Event, PassReport, run_pass};
 
 #[derive(Parser)]
 #[command(
@@ -210,7 +210,7 @@ fn one_pass(pool: &DbPool, chunk_size: usize, stop: &AtomicBool) -> anyhow::Resu
 
 fn print_status(pool: &DbPool, as_json: bool) -> anyhow::Result<()> {
     let mut db = pool.get()?;
-    let status = crate::status::status(&mut conn_of(&mut db)).context("reading status")?;
+    let status = crate::status::status(&mut db).context("reading status")?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());

@@ -5,17 +5,12 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text};
 
 use crate::catalog::{HISTORY_TABLE, REJECTED_TABLE};
-use crate::sql::Conn;
+use intake_core::db::DbConn;
+use intake_core::staging::PendingCount;
 
-#[derive(Debug, Clone, serde::Serialize, QueryableByName)]
-pub struct Pending {
-    #[diesel(sql_type = BigInt)]
-    pub client_id: i64,
-    #[diesel(sql_type = Text)]
-    pub table_name: String,
-    #[diesel(sql_type = BigInt)]
-    pub pending: i64,
-}
+use crate::pass::conn_of;
+
+
 
 #[derive(Debug, Clone, serde::Serialize, QueryableByName)]
 pub struct LoadEntry {
@@ -47,7 +42,7 @@ pub struct RejectedCount {
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Status {
-    pub pending: Vec<Pending>,
+    pub pending: Vec<PendingCount>,
     pub recent_loads: Vec<LoadEntry>,
     pub rejected: Vec<RejectedCount>,
 }
@@ -61,13 +56,10 @@ struct ClientRow {
 /// Most recent loads shown per client.
 const RECENT_LOADS: usize = 10;
 
-pub fn status(conn: &mut Conn<'_>) -> QueryResult<Status> {
+pub fn status(db: &mut DbConn) -> QueryResult<Status> {
+    let pending = intake_core::staging::pending_counts(db)?;
+    let conn = &mut conn_of(db);
     let d = conn.dialect();
-    let pending = conn.load(
-        "SELECT client_id, table_name, COUNT(*) AS pending FROM staged_records \
-         GROUP BY client_id, table_name ORDER BY client_id, table_name",
-        &[],
-    )?;
     let clients: Vec<ClientRow> = conn.load(
         "SELECT client_id FROM warehouse_clients ORDER BY client_id",
         &[],
