@@ -203,7 +203,7 @@ fn flatten_value(
                         out,
                     ),
                     scalar => {
-                        if let Some(cell) = scalar_cell(&scalar) {
+                        if let Some(cell) = scalar_cell(scalar) {
                             note_nul(&cell, out);
                             child.cells.push((EMPTY_PATH.to_owned(), cell));
                         }
@@ -217,7 +217,7 @@ fn flatten_value(
             }
         }
         scalar => {
-            if let Some(cell) = scalar_cell(&scalar) {
+            if let Some(cell) = scalar_cell(scalar) {
                 note_nul(&cell, out);
                 row.cells.push((path.closed(), cell));
             }

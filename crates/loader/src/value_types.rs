@@ -106,9 +106,9 @@ impl Cell {
 
 /// The cell for a JSON scalar. Integers beyond 64 bits stay exact as text; strings that are
 /// ISO-8601 date-times (with `T` or a space, naive ones read as UTC) become timestamps.
-pub fn scalar_cell(value: &serde_json::Value) -> Option<Cell> {
+pub fn scalar_cell(value: serde_json::Value) -> Option<Cell> {
     match value {
-        serde_json::Value::Bool(b) => Some(Cell::Bool(*b)),
+        serde_json::Value::Bool(b) => Some(Cell::Bool(b)),
         serde_json::Value::Number(n) => Some(if let Some(i) = n.as_i64() {
             Cell::Int(i)
         } else {
@@ -120,9 +120,9 @@ pub fn scalar_cell(value: &serde_json::Value) -> Option<Cell> {
                 _ => Cell::Text(text),
             }
         }),
-        serde_json::Value::String(s) => Some(match parse_datetime(s) {
-            Some(t) => Cell::Time(t, s.clone()),
-            None => Cell::Text(s.clone()),
+        serde_json::Value::String(s) => Some(match parse_datetime(&s) {
+            Some(t) => Cell::Time(t, s),
+            None => Cell::Text(s),
         }),
         _ => None,
     }
@@ -195,21 +195,21 @@ mod tests {
 
     #[test]
     fn scalars_get_types_without_losing_anything() {
-        assert_eq!(scalar_cell(&json!(7)), Some(Cell::Int(7)));
-        assert_eq!(scalar_cell(&json!(1.5)), Some(Cell::Float(1.5)));
+        assert_eq!(scalar_cell(json!(7)), Some(Cell::Int(7)));
+        assert_eq!(scalar_cell(json!(1.5)), Some(Cell::Float(1.5)));
         assert_eq!(
-            scalar_cell(&json!(u64::MAX)),
+            scalar_cell(json!(u64::MAX)),
             Some(Cell::Text(u64::MAX.to_string()))
         );
-        assert_eq!(scalar_cell(&json!(true)), Some(Cell::Bool(true)));
-        assert_eq!(scalar_cell(&json!(null)), None);
+        assert_eq!(scalar_cell(json!(true)), Some(Cell::Bool(true)));
+        assert_eq!(scalar_cell(json!(null)), None);
         assert_eq!(Cell::Float(1.5).coerce_to(ColType::BigInt), None);
         assert_eq!(
             Cell::Int(3).coerce_to(ColType::Double),
             Some(Cell::Float(3.0))
         );
         assert_eq!(Cell::Int(i64::MAX).coerce_to(ColType::Double), None);
-        let t = scalar_cell(&json!("2024-01-01 00:00:00")).expect("cell");
+        let t = scalar_cell(json!("2024-01-01 00:00:00")).expect("cell");
         assert_eq!(
             t.coerce_to(ColType::Text),
             Some(Cell::Text("2024-01-01 00:00:00".into()))
