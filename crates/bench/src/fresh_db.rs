@@ -68,16 +68,6 @@ impl FreshDb {
         Ok(db)
     }
 
-    /// Uses an existing database (in a child process) without removing it.
-    pub fn attach(url: &str) -> anyhow::Result<FreshDb> {
-        Ok(FreshDb {
-            url: url.to_owned(),
-            pg_name: None,
-            _dir: None,
-            owned: false,
-        })
-    }
-
     pub fn url(&self) -> &str {
         &self.url
     }

@@ -3,6 +3,7 @@
 //!
 //! Scenarios: `load` (staged → warehouse). Run with `cargo run --release -p intake-bench -- load`.
 
+mod binaries;
 mod data;
 mod fresh_db;
 mod http_load;
@@ -10,8 +11,7 @@ mod ingest;
 mod measure;
 mod server_child;
 
-use std::process::{Command, ExitCode, Stdio};
-use std::sync::atomic::AtomicBool;
+use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -74,12 +74,7 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
-    /// Internal: run one loader pass in this process (so its memory can be measured alone).
-    #[command(hide = true)]
-    LoadChild { url: String, chunk_size: usize },
-    /// Internal: run the server in this process.
-    #[command(hide = true)]
-    ServeChild { url: String, port: u16 },
+
 }
 
 fn main() -> ExitCode {
@@ -124,25 +119,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             print_machine();
             ingest::auth(connections, seconds)
-        }
-        Scenario::ServeChild { url, port } => server_child::serve(&url, port),
-        Scenario::LoadChild { url, chunk_size } => {
-            let db = FreshDb::attach(&url)?;
-            let report = intake_loader::pass::run_pass(
-                &db.pool()?,
-                chunk_size,
-                &AtomicBool::new(false),
-                &mut |_| {},
-            )?;
-            if !report.errors().is_empty() {
-                bail!("load failed: {:?}", report.errors());
-            }
-            println!(
-                "{} {}",
-                report.loaded(),
-                measure::cpu_ms_of("self").unwrap_or(0)
-            );
-            Ok(())
         }
     }
 }
@@ -199,29 +175,30 @@ fn load_scenario(backend: Backend, records: usize, chunk_size: usize) -> anyhow:
         bytes / staged.max(1)
     );
 
-    // Intake's loader, alone in a child process so that its peak memory is its own.
+    // The real intake-loader binary, so that its time, CPU and peak memory are its own.
     let started = Instant::now();
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["load-child", db.url(), &chunk_size.to_string()])
-        .stdout(Stdio::piped())
+    let mut child = binaries::command("intake-loader")?
+        .arg("run")
+        .env("DATABASE_URL", db.url())
+        .env("INTAKE__LOADER__CHUNK_SIZE", chunk_size.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
         .spawn()
-        .context("starting the loader child")?;
+        .context("starting intake-loader")?;
     let pid = child.id();
-    let mut peak_kib = 0u64;
-    while child.try_wait()?.is_none() {
+    let (mut peak_kib, mut loader_cpu_ms) = (0u64, 0u64);
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
         peak_kib = peak_kib.max(measure::vm_hwm_kib(pid).unwrap_or(0));
+        loader_cpu_ms = loader_cpu_ms.max(measure::cpu_ms_of(&pid.to_string()).unwrap_or(0));
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
     let loader_secs = started.elapsed().as_secs_f64();
-    let output = child.wait_with_output()?;
-    if !output.status.success() {
-        bail!("the loader child failed");
+    if !status.success() {
+        bail!("intake-loader failed ({status})");
     }
-    let loader_cpu_ms: u64 = String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
     let rows = count(
         &mut conn,
         &format!("SELECT COUNT(*) AS n FROM {}", table_ref(backend, TABLE)),

@@ -1,8 +1,8 @@
-//! Runs `intake-server` in a child process of the bench (so that its memory is measured
-//! alone) and watches its peak RSS.
+//! Runs the real `intake-server` in a child process of the bench (so that its memory is
+//! measured alone) and watches its peak RSS.
 
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -15,15 +15,18 @@ pub struct ServerChild {
 }
 
 impl ServerChild {
-    /// Starts `intake-bench serve-child` on a free port and waits until it answers.
+    /// Starts the real `intake-server` on a free port (embedded loader off) and waits until
+    /// it answers.
     pub fn start(db_url: &str) -> anyhow::Result<ServerChild> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = Command::new(std::env::current_exe()?)
-            .args(["serve-child", db_url, &port.to_string()])
+        let child = crate::binaries::command("intake-server")?
+            .env("DATABASE_URL", db_url)
+            .env("INTAKE__SERVER__BIND", format!("127.0.0.1:{port}"))
+            .env("INTAKE__LOADER__EMBEDDED", "off")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting the server child")?;
+            .context("starting intake-server")?;
         let server = ServerChild {
             child,
             base_url: format!("http://127.0.0.1:{port}"),
@@ -57,13 +60,4 @@ impl Drop for ServerChild {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The child side: serve with the embedded loader off, on the given database and port.
-pub fn serve(db_url: &str, port: u16) -> anyhow::Result<()> {
-    let mut settings = intake_core::settings::Settings::load(None)?;
-    settings.database.url = db_url.to_owned();
-    settings.server.bind = format!("127.0.0.1:{port}");
-    settings.loader.embedded = intake_core::settings::EmbeddedLoader::Off;
-    intake_server::serve(settings)
 }
