@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime};
 use tempfile::TempDir;
 
 use super::{
-    Backend, START_TIMEOUT, Server, TestDb, base_command, http_agent, listening_address, lock,
-    sqlite_path,
+    Backend, CliOutput, START_TIMEOUT, Server, TestDb, base_command, http_agent, listening_address,
+    lock, run_key_admin, sqlite_path,
 };
 
 /// Every private cluster lives in a temporary directory whose name starts with this, so that
@@ -140,6 +140,37 @@ impl PgCluster {
         }
     }
 
+    /// Freezes the whole server (SIGSTOP to the postmaster and every backend): the port
+    /// still accepts connections, but nothing answers, as when the database host hangs.
+    pub fn freeze(&self) {
+        self.signal_all("STOP");
+    }
+
+    /// Lets a frozen server run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal_all("CONT");
+    }
+
+    /// Sends a signal to the postmaster and its children, by process id.
+    fn signal_all(&self, signal: &str) {
+        let postmaster = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .next()
+                    .and_then(|l| l.trim().parse::<u32>().ok())
+            })
+            .expect("the cluster is running (postmaster.pid)");
+        let mut pids = vec![postmaster];
+        pids.extend(children_of(postmaster));
+        for pid in pids {
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+
     /// The server's own log so far, for failure messages.
     pub fn server_log(&self) -> String {
         std::fs::read_to_string(self.root.path().join("postgres.log")).unwrap_or_default()
@@ -226,6 +257,10 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
+        if self.data_dir().join("postmaster.pid").exists() {
+            // A frozen server cannot stop.
+            self.thaw();
+        }
         if self.data_dir().join("postmaster.pid").exists()
             && let Err(e) = self.pg_ctl_stop()
         {
@@ -279,6 +314,27 @@ fn run_pg_program(
         stdout: read(capture),
         stderr: read(capture_err),
     }
+}
+
+/// Process ids whose parent is `parent`, from `/proc`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            // `pid (comm) state ppid ...`; comm may hold spaces, so split after the last ')'.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
 }
 
 /// Last resort when `pg_ctl stop` fails: SIGKILL the postmaster named in `postmaster.pid`.
@@ -537,4 +593,98 @@ pub fn start_server_keeping_stdout(
         ),
     }
     server
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command-line tools with extra environment (e.g. `RUST_LOG=trace`).
+
+/// `intake-key-admin ARGS` against `db` with extra environment variables.
+pub fn key_admin_with_env(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> CliOutput {
+    run_key_admin(db, args, env)
+}
+
+/// `intake-loader ARGS` against `db` with extra environment variables, to the end.
+pub fn loader_with_env(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> CliOutput {
+    let output = base_command(env!("CARGO_BIN_EXE_intake-loader"), db)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("running intake-loader");
+    CliOutput {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A small file system of its own: a disk that can fill up.
+
+/// A tmpfs of a fixed size mounted on a directory (root only), unmounted when dropped. Drop
+/// every process using it first.
+pub struct SmallDisk {
+    dir: PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `megabytes` on `dir` (created if missing). `Err` says why not (not
+    /// root, no CAP_SYS_ADMIN, no `mount`).
+    pub fn mount(dir: &Path, megabytes: u32) -> Result<SmallDisk, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m,mode=0755")])
+            .arg("tmpfs")
+            .arg(dir)
+            .output()
+            .map_err(|e| format!("running mount: {e}"))?;
+        if out.status.success() {
+            Ok(SmallDisk {
+                dir: dir.to_owned(),
+            })
+        } else {
+            Err(format!(
+                "mount -t tmpfs on {}: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Writes a file until the file system is full (ENOSPC) and returns its path; removing it
+    /// frees the space again.
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.dir.join("filler");
+        let mut file = std::fs::File::create(&path).expect("creating the filler file");
+        let chunk = vec![0xA5u8; 64 * 1024];
+        loop {
+            match file.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling {}: {e}", self.dir.display()),
+            }
+        }
+        // Whatever small remainder a partial write leaves, take it too.
+        while let Ok(n) = file.write(&chunk[..512]) {
+            if n == 0 {
+                break;
+            }
+        }
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(&self.dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            // Busy: detach it now, the kernel frees it when the last user is gone.
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
 }

@@ -10,9 +10,15 @@ use anyhow::bail;
 /// `config/default.toml` of the caller's is picked up, and with no inherited INTAKE__ settings.
 pub fn command(name: &str) -> anyhow::Result<Command> {
     let exe = std::env::current_exe()?;
-    let path: PathBuf = exe.parent().map(|dir| dir.join(name)).unwrap_or_else(|| PathBuf::from(name));
+    let path: PathBuf = exe
+        .parent()
+        .map(|dir| dir.join(name))
+        .unwrap_or_else(|| PathBuf::from(name));
     if !path.exists() {
-        bail!("{} not found: build the binaries first with `cargo build --release`", path.display());
+        bail!(
+            "{} not found: build the binaries first with `cargo build --release`",
+            path.display()
+        );
     }
     let mut command = Command::new(path);
     command.current_dir(std::env::temp_dir());

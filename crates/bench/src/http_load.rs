@@ -45,7 +45,13 @@ impl LoadResult {
 /// and a request's latency is counted from when it was due, not when it went out, so a slow
 /// answer that delays the next send is not hidden (no coordinated omission). Without it,
 /// each thread sends as fast as answers come back (the throughput ceiling).
-pub fn run(threads: usize, duration: Duration, requests: &[Request], ok_status: u16, rate: Option<f64>) -> LoadResult {
+pub fn run(
+    threads: usize,
+    duration: Duration,
+    requests: &[Request],
+    ok_status: u16,
+    rate: Option<f64>,
+) -> LoadResult {
     let stop = Arc::new(AtomicBool::new(false));
     let requests = Arc::new(requests.to_vec());
     let started = Instant::now();
@@ -65,7 +71,8 @@ pub fn run(threads: usize, duration: Duration, requests: &[Request], ok_status: 
                 let mut failures = 0;
                 let mut i = t * 7919;
                 let interval = rate.map(|r| Duration::from_secs_f64(threads as f64 / r));
-                let mut due = Instant::now() + interval.map_or(Duration::ZERO, |iv| iv.mul_f64(t as f64 / threads as f64));
+                let mut due = Instant::now()
+                    + interval.map_or(Duration::ZERO, |iv| iv.mul_f64(t as f64 / threads as f64));
                 while !stop.load(Ordering::Relaxed) {
                     let request = &requests[i % requests.len()];
                     i += 1;

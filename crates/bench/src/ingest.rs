@@ -63,9 +63,21 @@ pub fn ingest(
             body: Arc::new(format!("[{}]", records.join(","))),
         })
         .collect();
-    let mut result = http_load::run(connections, Duration::from_secs(seconds), &requests, 201, None);
+    let mut result = http_load::run(
+        connections,
+        Duration::from_secs(seconds),
+        &requests,
+        201,
+        None,
+    );
     let pace = Some(paced_records / batch as f64);
-    let mut paced = http_load::run(connections, Duration::from_secs(seconds), &requests, 201, pace);
+    let mut paced = http_load::run(
+        connections,
+        Duration::from_secs(seconds),
+        &requests,
+        201,
+        pace,
+    );
     let acknowledged = result.ok() * batch;
     let rate = acknowledged as f64 / result.elapsed.as_secs_f64();
     let (p50, p99) = (result.quantile(0.5), result.quantile(0.99));
@@ -159,7 +171,8 @@ pub fn ingest(
         paced_p50.as_secs_f64() * 1000.0,
         paced_p99.as_secs_f64() * 1000.0
     );
-    println!("  {:<34} {:>9.0} records/s  ({} records)",
+    println!(
+        "  {:<34} {:>9.0} records/s  ({} records)",
         format!("baseline ({baseline_name})"),
         baseline_rate,
         all.len()
@@ -221,11 +234,17 @@ pub fn auth(connections: usize, seconds: u64) -> anyhow::Result<()> {
     let mut warm = http_load::run(
         connections,
         Duration::from_secs(seconds),
-&[Request::Get(auth_url)], 200, None);
+        &[Request::Get(auth_url)],
+        200,
+        None,
+    );
     let mut floor = http_load::run(
         connections,
         Duration::from_secs(seconds),
-&[Request::Get(format!("{}/health", server.base_url))], 200, None);
+        &[Request::Get(format!("{}/health", server.base_url))],
+        200,
+        None,
+    );
     let warm_rate = warm.ok() as f64 / warm.elapsed.as_secs_f64();
     let floor_rate = floor.ok() as f64 / floor.elapsed.as_secs_f64();
     let mean = |d: &[Duration]| {

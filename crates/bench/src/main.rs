@@ -74,7 +74,6 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
-
 }
 
 fn main() -> ExitCode {
@@ -104,11 +103,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Scenario::Ingest { backend, connections, seconds, batch, paced_records } => {
+        Scenario::Ingest {
+            backend,
+            connections,
+            seconds,
+            batch,
+            paced_records,
+        } => {
             print_machine();
             for b in [Backend::Postgres, Backend::Sqlite] {
                 if backend == b || backend == Backend::Both {
-                    ingest::ingest(b == Backend::Postgres, connections, seconds, batch, paced_records)?;
+                    ingest::ingest(
+                        b == Backend::Postgres,
+                        connections,
+                        seconds,
+                        batch,
+                        paced_records,
+                    )?;
                 }
             }
             Ok(())
@@ -181,7 +192,10 @@ fn load_scenario(backend: Backend, records: usize, chunk_size: usize) -> anyhow:
         .arg("run")
         .env("DATABASE_URL", db.url())
         .env("INTAKE__LOADER__CHUNK_SIZE", chunk_size.to_string())
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("INTAKE_BENCH_LOADER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .spawn()
         .context("starting intake-loader")?;

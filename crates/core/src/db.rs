@@ -74,6 +74,17 @@ fn redact_url_password(url: &str) -> String {
     }
 }
 
+/// Adds libpq's `connect_timeout` (whole seconds, at least 1) unless the URL sets one, so that
+/// a database host that does not answer cannot hold a connection attempt for minutes.
+fn with_connect_timeout(url: &str, timeout: Duration) -> String {
+    if url.contains("connect_timeout=") {
+        return url.to_owned();
+    }
+    let secs = timeout.as_secs().max(1);
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}connect_timeout={secs}")
+}
+
 type PgManager = ConnectionManager<PgConnection>;
 type SqliteManager = ConnectionManager<SqliteConnection>;
 
@@ -118,7 +129,15 @@ struct SqliteSession {
 
 impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqliteSession {
     fn on_acquire(&self, conn: &mut SqliteConnection) -> Result<(), diesel::r2d2::Error> {
-        sqlite_session_setup(conn, self.busy_timeout_ms).map_err(diesel::r2d2::Error::QueryError)
+        sqlite_session_setup(conn, self.busy_timeout_ms)
+            .map_err(diesel::r2d2::Error::QueryError)?;
+        // SQLite silently opens a file it cannot write read-only, and such a connection stays
+        // read-only after the file is writable again. Refuse it here (the request gets a 503
+        // and a later connection is made) rather than keep it in the pool for good.
+        // (Taking the write lock is allowed on a read-only connection; writing the header, even
+        // inside a transaction that is rolled back, is not.)
+        conn.batch_execute("BEGIN IMMEDIATE; PRAGMA user_version = 0; ROLLBACK;")
+            .map_err(diesel::r2d2::Error::QueryError)
     }
 }
 
@@ -161,7 +180,7 @@ impl DbPool {
                     .connection_customizer(Box::new(PgSession {
                         statement_timeout_ms: settings.statement_timeout_ms,
                     }))
-                    .build_unchecked(PgManager::new(url.clone())),
+                    .build_unchecked(PgManager::new(with_connect_timeout(url, checkout))),
             ),
             DatabaseTarget::Sqlite(path) => {
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -174,6 +193,7 @@ impl DbPool {
                         .min_idle(Some(settings.pool_size.min(2)))
                         .connection_timeout(checkout)
                         .test_on_check_out(false)
+                        .max_lifetime(Some(Duration::from_secs(600)))
                         .connection_customizer(Box::new(SqliteSession {
                             busy_timeout_ms: settings.statement_timeout_ms,
                         }))
@@ -181,6 +201,16 @@ impl DbPool {
                 )
             }
         })
+    }
+
+    /// A connection, waiting at most `timeout` for one (and at most the pool's own
+    /// checkout timeout).
+    pub fn get_timeout(&self, timeout: Duration) -> Result<DbConn, PoolError> {
+        match self {
+            DbPool::Pg(pool) => pool.get_timeout(timeout).map(DbConn::Pg),
+            DbPool::Sqlite(pool) => pool.get_timeout(timeout).map(DbConn::Sqlite),
+        }
+        .map_err(|e| PoolError(e.to_string()))
     }
 
     pub fn get(&self) -> Result<DbConn, PoolError> {
@@ -273,6 +303,23 @@ mod tests {
         );
         assert!(DatabaseTarget::parse("mysql://h/db").is_err());
         assert!(DatabaseTarget::parse("sqlite://").is_err());
+    }
+
+    #[test]
+    fn connect_timeouts_are_added_once() {
+        let t = Duration::from_millis(1500);
+        assert_eq!(
+            with_connect_timeout("postgres://h/db", t),
+            "postgres://h/db?connect_timeout=1"
+        );
+        assert_eq!(
+            with_connect_timeout("postgres://h/db?sslmode=disable", t),
+            "postgres://h/db?sslmode=disable&connect_timeout=1"
+        );
+        assert_eq!(
+            with_connect_timeout("postgres://h/db?connect_timeout=9", t),
+            "postgres://h/db?connect_timeout=9"
+        );
     }
 
     #[test]

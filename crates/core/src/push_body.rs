@@ -152,7 +152,10 @@ fn validate_record(record: &RawValue) -> Result<(), String> {
         return Err("\"keys\" must be a non-empty array of field names".into());
     }
     if keys.len() > MAX_KEY_FIELDS {
-        return Err(format!("\"keys\" names {} fields; at most {MAX_KEY_FIELDS} are allowed", keys.len()));
+        return Err(format!(
+            "\"keys\" names {} fields; at most {MAX_KEY_FIELDS} are allowed",
+            keys.len()
+        ));
     }
     let mut seen: Vec<&str> = Vec::with_capacity(keys.len());
     for key in &keys {
@@ -236,13 +239,25 @@ fn check_unicode_escapes(text: &str) -> Result<(), String> {
         i += 6;
         match unit {
             0xD800..=0xDBFF => {
-                let low = if bytes.get(i) == Some(&b'\\') && bytes.get(i + 1) == Some(&b'u') { hex4(i + 2) } else { None };
+                let low = if bytes.get(i) == Some(&b'\\') && bytes.get(i + 1) == Some(&b'u') {
+                    hex4(i + 2)
+                } else {
+                    None
+                };
                 match low {
                     Some(0xDC00..=0xDFFF) => i += 6,
-                    _ => return Err(format!("holds a lone surrogate escape \\u{unit:04x}, which is not text")),
+                    _ => {
+                        return Err(format!(
+                            "holds a lone surrogate escape \\u{unit:04x}, which is not text"
+                        ));
+                    }
                 }
             }
-            0xDC00..=0xDFFF => return Err(format!("holds a lone surrogate escape \\u{unit:04x}, which is not text")),
+            0xDC00..=0xDFFF => {
+                return Err(format!(
+                    "holds a lone surrogate escape \\u{unit:04x}, which is not text"
+                ));
+            }
             _ => {}
         }
     }
@@ -357,8 +372,15 @@ mod tests {
     #[test]
     fn lone_surrogates_and_too_many_keys_are_refused() {
         let ok = r#"{"k":"\ud83d\ude00 \u00e9 \\ud800","keys":["k"]}"#;
-        assert!(parse_push_body(ok.as_bytes(), LIMITS).is_ok(), "a pair, a plain escape, an escaped backslash");
-        for bad in [r#"{"k":1,"v":"\ud800","keys":["k"]}"#, r#"{"k":1,"v":"\udc00\ud800","keys":["k"]}"#, r#"{"k":1,"\ud800x":1,"keys":["k"]}"#] {
+        assert!(
+            parse_push_body(ok.as_bytes(), LIMITS).is_ok(),
+            "a pair, a plain escape, an escaped backslash"
+        );
+        for bad in [
+            r#"{"k":1,"v":"\ud800","keys":["k"]}"#,
+            r#"{"k":1,"v":"\udc00\ud800","keys":["k"]}"#,
+            r#"{"k":1,"\ud800x":1,"keys":["k"]}"#,
+        ] {
             assert!(reasons(bad)[1].contains("lone surrogate"), "{bad}");
         }
         let fields: Vec<String> = (0..17).map(|i| format!("\"f{i}\":{i}")).collect();

@@ -6,6 +6,7 @@
 //! later always has a higher sequence: "later wins" means "acknowledged later wins".
 
 use chrono::{DateTime, Utc};
+use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Text, Timestamptz};
@@ -42,7 +43,7 @@ struct LastSeq {
 
 /// Appends a batch in one transaction and returns its sequence numbers only once committed.
 pub fn append(conn: &mut DbConn, batch: &StagedBatch<'_>) -> QueryResult<SeqRange> {
-    append_all(conn, std::slice::from_ref(batch))?
+    append_all(conn, std::slice::from_ref(batch), None)?
         .pop()
         .ok_or(diesel::result::Error::NotFound)
 }
@@ -51,7 +52,15 @@ pub fn append(conn: &mut DbConn, batch: &StagedBatch<'_>) -> QueryResult<SeqRang
 /// concurrent requests can share a commit (group commit). Returns each batch's sequence
 /// numbers, in the order given, once committed. Tables are written in (client, table) order,
 /// so two such transactions never wait on each other's counter rows in a cycle.
-pub fn append_all(conn: &mut DbConn, batches: &[StagedBatch<'_>]) -> QueryResult<Vec<SeqRange>> {
+///
+/// With a `budget`, the database gives up (and rolls back) once that much time has gone by
+/// waiting for locks or running statements, so that a caller answering "not stored" at its
+/// deadline is telling the truth.
+pub fn append_all(
+    conn: &mut DbConn,
+    batches: &[StagedBatch<'_>],
+    budget: Option<std::time::Duration>,
+) -> QueryResult<Vec<SeqRange>> {
     let mut order: Vec<usize> = (0..batches.len()).collect();
     order.sort_by_key(|&i| (batches[i].client_id, batches[i].table));
     let write = |conn: &mut RawConn<'_>| -> QueryResult<Vec<SeqRange>> {
@@ -88,10 +97,36 @@ pub fn append_all(conn: &mut DbConn, batches: &[StagedBatch<'_>]) -> QueryResult
         }
         Ok(ranges)
     };
+    let budget_ms = budget.map(|b| b.as_millis().max(1));
     match conn {
-        DbConn::Pg(c) => c.transaction(|c| write(&mut RawConn::Pg(c))),
-        DbConn::Sqlite(c) => c.immediate_transaction(|c| write(&mut RawConn::Sqlite(c))),
+        DbConn::Pg(c) => c.transaction(|c| {
+            if let Some(ms) = budget_ms {
+                c.batch_execute(&format!(
+                    "SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
+                ))?;
+            }
+            write(&mut RawConn::Pg(c))
+        }),
+        DbConn::Sqlite(c) => {
+            let Some(ms) = budget_ms else {
+                return c.immediate_transaction(|c| write(&mut RawConn::Sqlite(c)));
+            };
+            // The write lock is taken at BEGIN IMMEDIATE: that is where the wait is. The
+            // connection's own busy timeout is put back afterwards.
+            let BusyTimeout { timeout: usual } =
+                diesel::sql_query("PRAGMA busy_timeout").get_result(&mut **c)?;
+            c.batch_execute(&format!("PRAGMA busy_timeout = {ms}"))?;
+            let outcome = c.immediate_transaction(|c| write(&mut RawConn::Sqlite(c)));
+            c.batch_execute(&format!("PRAGMA busy_timeout = {usual}"))?;
+            outcome
+        }
     }
+}
+
+#[derive(QueryableByName)]
+struct BusyTimeout {
+    #[diesel(sql_type = BigInt)]
+    timeout: i64,
 }
 
 /// A connection inside a transaction.

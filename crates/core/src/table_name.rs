@@ -27,6 +27,10 @@ pub fn normalize_table_name(raw: &str) -> Result<String, String> {
             "table name contains {bad:?}; only letters A-Z, digits and '_' are allowed"
         ));
     }
+    if crate::keys::parse_key(raw).is_some() {
+        // A key pasted into the wrong place must not become a table name (and so be stored).
+        return Err("table name looks like an API key; keys go in ?apikey= or a header".into());
+    }
     Ok(raw.to_ascii_lowercase())
 }
 

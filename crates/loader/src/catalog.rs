@@ -146,8 +146,6 @@ pub struct Catalog {
 /// Prefix of a child table's element-position key columns.
 pub const POSITION_PREFIX: &str = "_intake_pos_";
 
-
-
 /// The `_intake_tables.source` of a table: the pushed table's name, then for a child table
 /// one path per array level (`["orders",["items"],["tags"]]`), as JSON.
 pub fn source_text(table: &str, array_path: &str) -> String {
@@ -229,7 +227,8 @@ impl Catalog {
         let mut family: FxHashMap<String, TableInfo> = FxHashMap::default();
         let mut by_name: FxHashMap<String, String> = FxHashMap::default();
         for row in tables {
-            let source: Vec<serde_json::Value> = serde_json::from_str(&row.source).unwrap_or_default();
+            let source: Vec<serde_json::Value> =
+                serde_json::from_str(&row.source).unwrap_or_default();
             if source.first().and_then(|t| t.as_str()) != Some(table) {
                 continue;
             }
@@ -241,7 +240,10 @@ impl Catalog {
                 .collect();
             let key = serde_json::to_string(&source[1..]).unwrap_or_else(|_| EMPTY_PATH.to_owned());
             by_name.insert(row.table_name.clone(), key.clone());
-            family.insert(key, TableInfo::new(row.table_name, row.source, key_columns, true));
+            family.insert(
+                key,
+                TableInfo::new(row.table_name, row.source, key_columns, true),
+            );
         }
         if !by_name.is_empty() {
             let names: Vec<Option<String>> = by_name.keys().cloned().map(Some).collect();
@@ -304,7 +306,9 @@ impl Catalog {
         let preferred = identifiers::preferred_name(&names);
         let taken = &self.taken_names;
         let name = if taken.contains(&preferred) || preferred.starts_with(SYSTEM_PREFIX) {
-            unused_hashed(&preferred, &[source_text(&self.table, array_path)], |n| taken.contains(n))
+            unused_hashed(&preferred, &[source_text(&self.table, array_path)], |n| {
+                taken.contains(n)
+            })
         } else {
             preferred
         };
@@ -315,7 +319,12 @@ impl Catalog {
     /// Creates (in the catalog; DDL follows) the root table with the given key fields.
     pub fn create_root(&mut self, key_fields: &[String], key_types: &[ColType]) {
         let name = self.allocate_table_name(EMPTY_PATH);
-        let mut info = TableInfo::new(name, source_text(&self.table, EMPTY_PATH), Vec::new(), false);
+        let mut info = TableInfo::new(
+            name,
+            source_text(&self.table, EMPTY_PATH),
+            Vec::new(),
+            false,
+        );
         info.key_fields = key_fields.to_vec();
         let mut key_columns = Vec::new();
         for (field, t) in key_fields.iter().zip(key_types) {
@@ -348,7 +357,10 @@ impl Catalog {
             let name = self.allocate_table_name(array_path);
             let source = source_text(&self.table, array_path);
             self.ddl.new_tables.push(key.clone());
-            self.tables.insert(key.clone(), TableInfo::new(name, source, key_columns, false));
+            self.tables.insert(
+                key.clone(),
+                TableInfo::new(name, source, key_columns, false),
+            );
         }
         Ok(key)
     }
@@ -381,7 +393,8 @@ impl Catalog {
                 cols.join(", "),
                 pk.join(", ")
             ))?;
-            let parent = (key != EMPTY_PATH).then(|| source_text(&self.table, &parent_array_path(&key)));
+            let parent =
+                (key != EMPTY_PATH).then(|| source_text(&self.table, &parent_array_path(&key)));
             let key_columns: Vec<(String, &str)> = info
                 .key_columns
                 .iter()
@@ -559,7 +572,9 @@ fn assign_column(
     let name = if info.used.contains_key(&preferred) || preferred.starts_with(SYSTEM_PREFIX) {
         let head = identifiers::disambiguated_name(&with_marker(segments.clone()));
         if info.used.contains_key(&head) {
-            unused_hashed(&preferred, &with_marker(segments), |n| info.used.contains_key(n))
+            unused_hashed(&preferred, &with_marker(segments), |n| {
+                info.used.contains_key(n)
+            })
         } else {
             head
         }

@@ -76,7 +76,6 @@ impl OpenPath {
         text.push(']');
         text
     }
-
 }
 
 /// A child table's location under construction: [`ChildRow::array_path`] without its closing
@@ -293,11 +292,19 @@ mod tests {
     #[test]
     fn arrays_nested_too_deep_are_kept_as_json_text() {
         let depth = MAX_ARRAY_LEVELS + 2;
-        let text = format!(r#"{{"k": 1, "keys": ["k"], "a": {}7{}}}"#, "[".repeat(depth), "]".repeat(depth));
+        let text = format!(
+            r#"{{"k": 1, "keys": ["k"], "a": {}7{}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        );
         let rec = flatten_record(&text).expect("flattens");
         let deepest = rec.children.iter().map(|c| c.positions.len()).max();
         assert_eq!(deepest, Some(MAX_ARRAY_LEVELS));
-        let kept: Vec<&Cell> = rec.children.iter().flat_map(|c| c.row.cells.iter().map(|(_, v)| v)).collect();
+        let kept: Vec<&Cell> = rec
+            .children
+            .iter()
+            .flat_map(|c| c.row.cells.iter().map(|(_, v)| v))
+            .collect();
         assert_eq!(kept, vec![&Cell::Text("[[7]]".into())]);
     }
 

@@ -164,7 +164,12 @@ pub fn load_chunk(
             });
         for child in &a.flat.children {
             let child_key = catalog.child_table(&child.array_path, child.positions.len())?;
-            let row = assemble_row(&mut catalog, &mut per_table, &child_key, child.row.cells.iter());
+            let row = assemble_row(
+                &mut catalog,
+                &mut per_table,
+                &child_key,
+                child.row.cells.iter(),
+            );
             let mut keys = a.key_values.clone();
             keys.extend(child.positions.iter().map(|p| Val::Int(*p)));
             per_table
@@ -266,7 +271,10 @@ fn assemble_row<'c>(
     per_table: &mut FxHashMap<String, TableRows>,
     table_key: &str,
     cells: impl Iterator<Item = &'c (String, Cell)>,
-) -> (Vec<(usize, Val)>, serde_json::Map<String, serde_json::Value>) {
+) -> (
+    Vec<(usize, Val)>,
+    serde_json::Map<String, serde_json::Value>,
+) {
     let budget = (catalog.dialect == Dialect::Postgres).then_some(PG_ROW_BUDGET);
     let mut size = 0usize;
     let mut values = Vec::new();

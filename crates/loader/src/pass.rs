@@ -140,7 +140,13 @@ fn load_table(
             if !lock_table(c, client_id, &table)? {
                 return Ok(Step::Busy);
             }
+            let reading = std::time::Instant::now();
             let chunk = queue::read_chunk(c, client_id, &table, chunk_size)?;
+            log::debug!(
+                "read {} staged records in {:?}",
+                chunk.len(),
+                reading.elapsed()
+            );
             let (Some(first), Some(last)) =
                 (chunk.first().map(|s| s.seq), chunk.last().map(|s| s.seq))
             else {
@@ -270,12 +276,22 @@ fn load_split(
 fn is_transient(error: &diesel::result::Error) -> bool {
     use diesel::result::{DatabaseErrorKind, Error};
     match error {
-        Error::DatabaseError(DatabaseErrorKind::SerializationFailure | DatabaseErrorKind::ClosedConnection, _) => true,
+        Error::DatabaseError(
+            DatabaseErrorKind::SerializationFailure | DatabaseErrorKind::ClosedConnection,
+            _,
+        ) => true,
         Error::DatabaseError(_, info) => {
             let message = info.message().to_ascii_lowercase();
-            ["deadlock detected", "lock timeout", "statement timeout", "database is locked", "database table is locked", "canceling statement"]
-                .iter()
-                .any(|m| message.contains(m))
+            [
+                "deadlock detected",
+                "lock timeout",
+                "statement timeout",
+                "database is locked",
+                "database table is locked",
+                "canceling statement",
+            ]
+            .iter()
+            .any(|m| message.contains(m))
         }
         _ => false,
     }

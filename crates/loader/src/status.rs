@@ -10,8 +10,6 @@ use intake_core::staging::PendingCount;
 
 use crate::pass::conn_of;
 
-
-
 #[derive(Debug, Clone, serde::Serialize, QueryableByName)]
 pub struct LoadEntry {
     #[diesel(sql_type = BigInt)]

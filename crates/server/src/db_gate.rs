@@ -47,20 +47,30 @@ impl DbGate {
         T: Send + 'static,
         E: std::fmt::Display + Send + 'static,
     {
-        let permit = tokio::time::timeout(self.wait, self.permits.clone().acquire_owned())
+        // One deadline for every stage: a permit, a connection, the work itself.
+        let deadline = std::time::Instant::now() + self.wait;
+        let tokio_deadline = tokio::time::Instant::from_std(deadline);
+        let permit = tokio::time::timeout_at(tokio_deadline, self.permits.clone().acquire_owned())
             .await
             .map_err(|_| GateError::Busy)?
             .map_err(|_| GateError::Busy)?;
         let pool = self.pool.clone();
-        let outcome = web::block(move || {
+        let task = web::block(move || {
             let _permit = permit;
-            let mut conn = pool.get().map_err(|e| GateError::Database(e.to_string()))?;
+            let wait = deadline
+                .saturating_duration_since(std::time::Instant::now())
+                .max(Duration::from_millis(1));
+            let mut conn = pool
+                .get_timeout(wait)
+                .map_err(|e| GateError::Database(e.to_string()))?;
             work(&mut conn).map_err(|e| GateError::Database(e.to_string()))
-        })
-        .await;
-        match outcome {
-            Ok(result) => result,
-            Err(e) => Err(GateError::Database(format!("blocking task failed: {e}"))),
+        });
+        // A database that stops answering (not refusing) would hold the blocking task; the
+        // request is answered at its deadline all the same, and the task ends on its own.
+        match tokio::time::timeout_at(tokio_deadline, task).await {
+            Err(_) => Err(GateError::Busy),
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Err(GateError::Database(format!("blocking task failed: {e}"))),
         }
     }
 }

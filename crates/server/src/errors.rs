@@ -49,10 +49,11 @@ impl ApiError {
         )
     }
 
-    pub fn forbidden(client: &str) -> ApiError {
+    /// Says nothing about the client id in the URL: a key pasted there must not be echoed.
+    pub fn forbidden() -> ApiError {
         ApiError::new(
             StatusCode::FORBIDDEN,
-            format!("this API key is not valid for client {client}"),
+            "this API key is not valid for the client id in the URL",
         )
     }
 
@@ -84,7 +85,7 @@ impl ApiError {
             retry_after: Some(retry_after),
             ..ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "the database cannot take the write right now; nothing was stored, retry later",
+                "the database could not take the request in time; retry later (retrying a push is safe: records are upserted by their keys)",
             )
         }
     }

@@ -7,15 +7,18 @@
 //! commit instead of queueing for the same per-table counter row one by one.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use intake_core::db::DbPool;
+use intake_core::db::{DbConn, DbPool};
 use intake_core::staging::{self, SeqRange, StagedBatch};
 use tokio::sync::{mpsc, oneshot};
 
 /// Most records written by one group transaction.
 const MAX_GROUP_RECORDS: usize = 20_000;
+/// How long before the earliest deadline of a group the database is told to give up, so that
+/// the rollback (and the 503) come before the client stops waiting.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
 
 /// One request's records: the body they came in, and each record's byte range in it (so no
 /// record is copied on the way to the database).
@@ -25,13 +28,15 @@ pub struct Job {
     pub received_at: DateTime<Utc>,
     pub body: String,
     pub records: Vec<(usize, usize)>,
+    /// When the request stops waiting; a writer skips a job whose deadline has passed.
+    deadline: Instant,
     reply: oneshot::Sender<Result<SeqRange, String>>,
 }
 
 /// Why a job was not committed.
 #[derive(Debug)]
 pub enum CommitError {
-    /// The queue stayed full for the whole wait: the database is not keeping up.
+    /// The write did not complete before the request's deadline.
     Busy,
     /// The transaction failed (the database is down, or refused the write).
     Failed(String),
@@ -40,12 +45,14 @@ pub enum CommitError {
 #[derive(Clone)]
 pub struct GroupCommitter {
     queue: mpsc::Sender<Job>,
+    /// The longest a request waits for its commit, all stages together.
     wait: Duration,
 }
 
 impl GroupCommitter {
     /// Starts `writers` writer threads. The queue holds at most `2 × writers` jobs, so memory
-    /// stays bounded; a request that cannot enqueue within `wait` is refused (503).
+    /// stays bounded; a request whose commit has not completed within `wait` (queueing, a
+    /// connection and the transaction together) is refused (503).
     pub fn start(pool: DbPool, writers: usize, wait: Duration) -> std::io::Result<GroupCommitter> {
         let writers = writers.max(1);
         let (queue, receiver) = mpsc::channel::<Job>(writers * 2);
@@ -69,22 +76,29 @@ impl GroupCommitter {
         records: Vec<(usize, usize)>,
     ) -> Result<SeqRange, CommitError> {
         let (reply, answer) = oneshot::channel();
+        let deadline = Instant::now() + self.wait;
         let job = Job {
             client_id,
             table,
             received_at,
             body,
             records,
+            deadline,
             reply,
         };
-        tokio::time::timeout(self.wait, self.queue.send(job))
+        let deadline = tokio::time::Instant::from_std(deadline);
+        tokio::time::timeout_at(deadline, self.queue.send(job))
             .await
             .map_err(|_| CommitError::Busy)?
             .map_err(|_| CommitError::Failed("the commit writers have stopped".into()))?;
-        match answer.await {
-            Ok(Ok(range)) => Ok(range),
-            Ok(Err(e)) => Err(CommitError::Failed(e)),
-            Err(_) => Err(CommitError::Failed("the commit writer went away".into())),
+        // If the deadline passes while a writer is committing, the records may still be
+        // committed after this request was answered 503: a retry then stores them again,
+        // which the loader's upsert by key makes harmless.
+        match tokio::time::timeout_at(deadline, answer).await {
+            Err(_) => Err(CommitError::Busy),
+            Ok(Ok(Ok(range))) => Ok(range),
+            Ok(Ok(Err(e))) => Err(CommitError::Failed(e)),
+            Ok(Err(_)) => Err(CommitError::Failed("the commit writer went away".into())),
         }
     }
 }
@@ -109,8 +123,43 @@ fn writer_loop(pool: &DbPool, receiver: &Mutex<mpsc::Receiver<Job>>) {
             }
             group
         };
-        let outcome = write_group(pool, &group);
-        match outcome {
+        // A connection first, then only the requests still waiting are written: those past
+        // their deadline were answered 503 and must not be stored behind their back.
+        let group = drop_expired(group);
+        let latest = group.iter().map(|job| job.deadline).max();
+        let Some(latest) = latest else { continue };
+        let wait = latest
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let mut conn = match pool.get_timeout(wait) {
+            Ok(conn) => conn,
+            Err(e) => {
+                log::error!("no database connection for {} requests: {e}", group.len());
+                for job in group {
+                    let _ = job.reply.send(Err(e.to_string()));
+                }
+                continue;
+            }
+        };
+        let group = drop_expired(group);
+        if group.is_empty() {
+            continue;
+        }
+        // The database gives up a little before the earliest deadline, so that a request
+        // answered 503 was really not stored (see `staging::append_all`).
+        let earliest = group
+            .iter()
+            .map(|job| job.deadline)
+            .min()
+            .unwrap_or_else(Instant::now);
+        let budget = earliest
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(DEADLINE_MARGIN);
+        if budget.is_zero() {
+            drop_expired_now(group);
+            continue;
+        }
+        match write_group(&mut conn, &group, budget) {
             Ok(ranges) => {
                 for (job, range) in group.into_iter().zip(ranges) {
                     let _ = job.reply.send(Ok(range));
@@ -126,8 +175,33 @@ fn writer_loop(pool: &DbPool, receiver: &Mutex<mpsc::Receiver<Job>>) {
     }
 }
 
-fn write_group(pool: &DbPool, group: &[Job]) -> Result<Vec<SeqRange>, String> {
-    let mut conn = pool.get().map_err(|e| e.to_string())?;
+/// Answers the jobs whose deadline has passed and keeps the others.
+fn drop_expired(group: Vec<Job>) -> Vec<Job> {
+    let now = Instant::now();
+    let (live, expired): (Vec<Job>, Vec<Job>) =
+        group.into_iter().partition(|job| job.deadline > now);
+    for job in expired {
+        let _ = job
+            .reply
+            .send(Err("the request's deadline passed before its write".into()));
+    }
+    live
+}
+
+/// Answers every job as past its deadline.
+fn drop_expired_now(group: Vec<Job>) {
+    for job in group {
+        let _ = job
+            .reply
+            .send(Err("the request's deadline passed before its write".into()));
+    }
+}
+
+fn write_group(
+    conn: &mut DbConn,
+    group: &[Job],
+    budget: Duration,
+) -> Result<Vec<SeqRange>, String> {
     let records: Vec<Vec<&str>> = group
         .iter()
         .map(|job| {
@@ -147,5 +221,5 @@ fn write_group(pool: &DbPool, group: &[Job]) -> Result<Vec<SeqRange>, String> {
             records,
         })
         .collect();
-    staging::append_all(&mut conn, &batches).map_err(|e| e.to_string())
+    staging::append_all(conn, &batches, Some(budget)).map_err(|e| e.to_string())
 }

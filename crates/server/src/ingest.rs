@@ -113,7 +113,7 @@ async fn authorize(req: &HttpRequest, cid: &str, state: &AppState) -> Result<i64
     // Only the canonical spelling names a client: not "+42", not "0042".
     match cid.parse::<i64>() {
         Ok(id) if id == key_client && id.to_string() == cid => Ok(id),
-        _ => Err(ApiError::forbidden(&shorten(cid))),
+        _ => Err(ApiError::forbidden()),
     }
 }
 
@@ -133,15 +133,6 @@ fn check_rate_limit(verified_key: &str, state: &AppState) -> Result<(), ApiError
             secs,
         )
     })
-}
-
-fn shorten(text: &str) -> String {
-    let cut: String = text.chars().take(32).collect();
-    if cut.len() < text.len() {
-        format!("{cut}...")
-    } else {
-        cut
-    }
 }
 
 /// JSON only, uncompressed; a missing Content-Type is accepted (older clients omit it).
