@@ -47,6 +47,9 @@ impl FreshDb {
             let mut admin = diesel::PgConnection::establish(&format!("{}/postgres", pg_server()))
                 .context("connecting to PostgreSQL (set INTAKE_BENCH_PG_URL)")?;
             diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin)?;
+            // Start from a clean slate: flush what earlier runs left dirty, so that their
+            // checkpoint does not land in this run's figures. (Needs a superuser; best effort.)
+            let _ = diesel::sql_query("CHECKPOINT").execute(&mut admin);
             FreshDb {
                 url: format!("{}/{name}", pg_server()),
                 pg_name: Some(name),

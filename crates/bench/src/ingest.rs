@@ -63,13 +63,8 @@ pub fn ingest(
             body: Arc::new(format!("[{}]", records.join(","))),
         })
         .collect();
-    let mut result = http_load::run(
-        connections,
-        Duration::from_secs(seconds),
-        &requests,
-        201,
-        None,
-    );
+    // The paced run first, on a fresh database: the ceiling run writes far more, and the
+    // checkpoints that follow it would otherwise land in the paced run's latencies.
     let pace = Some(paced_records / batch as f64);
     let mut paced = http_load::run(
         connections,
@@ -77,6 +72,13 @@ pub fn ingest(
         &requests,
         201,
         pace,
+    );
+    let mut result = http_load::run(
+        connections,
+        Duration::from_secs(seconds),
+        &requests,
+        201,
+        None,
     );
     let acknowledged = result.ok() * batch;
     let rate = acknowledged as f64 / result.elapsed.as_secs_f64();
