@@ -597,17 +597,18 @@ fn unknown_routes_and_wrong_methods_answer_in_the_error_shape(backend: Backend) 
         let reply = server.request(method, &path, &[], None);
         reply.assert_error(404);
     }
-    for (method, path) in [
-        ("GET", data.clone()),
-        ("PUT", data.clone()),
-        ("DELETE", "/".to_owned()),
-        ("POST", "/health".to_owned()),
-        ("DELETE", "/ready".to_owned()),
-        ("POST", auth),
-        ("GET", format!("/sandbox{data}")),
+    for (method, path, allowed) in [
+        ("GET", data.clone(), "POST"),
+        ("PUT", data.clone(), "POST"),
+        ("DELETE", "/".to_owned(), "GET"),
+        ("POST", "/health".to_owned(), "GET"),
+        ("DELETE", "/ready".to_owned(), "GET"),
+        ("POST", auth, "GET"),
+        ("GET", format!("/sandbox{data}"), "POST"),
     ] {
         let reply = server.request(method, &path, &[], None);
         reply.assert_error(405);
+        assert_eq!(reply.header("allow"), Some(allowed), "{method} {path}");
     }
     assert!(staged_rows(&db).is_empty());
 }

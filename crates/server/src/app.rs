@@ -40,34 +40,35 @@ impl AppState {
 /// Registers every route. Known paths answer 405 (in the JSON error shape) to other methods;
 /// unknown paths answer 404.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    let wrong_method =
-        || web::to(|| async { Err::<HttpResponse, _>(ApiError::method_not_allowed()) });
+    let wrong_method = |allow: &'static str| {
+        web::to(move || async move { Err::<HttpResponse, _>(ApiError::method_not_allowed(allow)) })
+    };
     cfg.service(
         web::resource("/")
             .route(web::get().to(health::status))
-            .default_service(wrong_method()),
+            .default_service(wrong_method("GET")),
     )
     .service(
         web::resource("/health")
             .route(web::get().to(health::alive))
-            .default_service(wrong_method()),
+            .default_service(wrong_method("GET")),
     )
     .service(
         web::resource("/ready")
             .route(web::get().to(health::ready))
-            .default_service(wrong_method()),
+            .default_service(wrong_method("GET")),
     );
     for (prefix, sandbox) in [("/v2", false), ("/sandbox/v2", true)] {
         cfg.service(
             web::resource(format!("{prefix}/client/{{cid}}/authenticate"))
                 .route(web::get().to(ingest::authenticate))
-                .default_service(wrong_method()),
+                .default_service(wrong_method("GET")),
         )
         .service(
             web::resource(format!("{prefix}/client/{{cid}}/table/{{table}}/data"))
                 .app_data(web::Data::new(ingest::Sandbox(sandbox)))
                 .route(web::post().to(ingest::push))
-                .default_service(wrong_method()),
+                .default_service(wrong_method("POST")),
         );
     }
 }

@@ -2,7 +2,7 @@
 //! `{"code": <status>, "message": "...", "reasons": ["..."]}`.
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use actix_web::http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
@@ -13,6 +13,8 @@ pub struct ApiError {
     pub reasons: Vec<String>,
     /// Seconds for a `Retry-After` header (503 and 429 answers).
     pub retry_after: Option<u64>,
+    /// The methods an endpoint does accept, for the `Allow` header of a 405.
+    pub allow: Option<&'static str>,
 }
 
 #[derive(Serialize)]
@@ -29,6 +31,7 @@ impl ApiError {
             message: message.into(),
             reasons: Vec::new(),
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -61,11 +64,14 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see docs/api.md")
     }
 
-    pub fn method_not_allowed() -> ApiError {
-        ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed on this endpoint",
-        )
+    pub fn method_not_allowed(allow: &'static str) -> ApiError {
+        ApiError {
+            allow: Some(allow),
+            ..ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("method not allowed on this endpoint; it accepts {allow}"),
+            )
+        }
     }
 
     pub fn too_large(message: impl Into<String>) -> ApiError {
@@ -112,6 +118,9 @@ impl ResponseError for ApiError {
         response.insert_header((CONTENT_TYPE, "application/json"));
         if let Some(secs) = self.retry_after {
             response.insert_header((RETRY_AFTER, secs.to_string()));
+        }
+        if let Some(allow) = self.allow {
+            response.insert_header((ALLOW, allow));
         }
         response.body(serde_json::to_string(&body).unwrap_or_else(|_| "{}".into()))
     }

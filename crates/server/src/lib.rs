@@ -172,13 +172,17 @@ pub fn serve(settings: Settings) -> anyhow::Result<()> {
         }
         let running = server.run();
         let flush_every = Duration::from_secs(settings.auth.last_used_flush_secs.max(1));
+        let flusher = keys.clone();
         actix_web::rt::spawn(async move {
             let mut tick = tokio::time::interval(flush_every);
             loop {
                 tick.tick().await;
-                keys.flush_last_used().await;
+                flusher.flush_last_used().await;
             }
         });
-        running.await.context("server failed")
+        let outcome = running.await.context("server failed");
+        // Keys used since the last batch get their last-use time on a clean stop too.
+        keys.flush_last_used().await;
+        outcome
     })
 }
