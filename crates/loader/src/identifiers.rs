@@ -35,22 +35,21 @@ pub fn sanitize(name: &str) -> String {
 
 /// The preferred column (or child-table) name for a path of field names.
 pub fn preferred_name(path: &[String]) -> String {
-    let joined = path
-        .iter()
-        .map(|p| sanitize(p))
-        .collect::<Vec<_>>()
-        .join("__");
+    let joined = joined(path);
     fit(&joined, path)
 }
 
 /// The name to use when the preferred one is taken: head plus a hash of the original path.
 pub fn disambiguated_name(path: &[String]) -> String {
-    let joined = path
-        .iter()
+    with_hash(&joined(path), path)
+}
+
+/// The cleaned segments of a path joined with `__` (nested fields: `parent__child`).
+fn joined(path: &[String]) -> String {
+    path.iter()
         .map(|p| sanitize(p))
         .collect::<Vec<_>>()
-        .join("__");
-    with_hash(&joined, path)
+        .join("__")
 }
 
 /// Appends `suffix` (e.g. `__st`) to a base name, keeping the result within the limit.
