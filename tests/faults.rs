@@ -54,6 +54,10 @@ const CRASH_TABLES: [&str; 3] = ["crash_a", "crash_b", "crash_c"];
 const CRASH_CLIENT_THREADS: usize = 6;
 const RECORDS_PER_REQUEST: usize = 20;
 
+/// Servers here take thousands of requests; their access log would bury the figures these
+/// tests print (errors and start-up lines still show).
+const QUIET: (&str, &str) = ("RUST_LOG", "warn,intake_server=info,intake::access=off");
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
     /// `201`: committed before the answer.
@@ -151,7 +155,7 @@ fn acknowledged_records_survive_server_crashes_under_load(backend: Backend) {
         Backend::Sqlite => (15, Duration::from_secs(30)),
     };
     let db = TestDb::new(backend);
-    let mut server = CrashingServer::start(&db, &[]);
+    let mut server = CrashingServer::start(&db, &[QUIET]);
     let (_, key) = issue_key(&db, CRASH_CLIENT, "crash");
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -316,7 +320,7 @@ const LOADER_KILLS: usize = 10;
 
 fn a_loader_killed_mid_chunk_loses_and_duplicates_nothing(backend: Backend) {
     let db = TestDb::new(backend);
-    let server = Server::start(&db, &[]);
+    let server = Server::start(&db, &[QUIET]);
     let (_, key) = issue_key(&db, BACKLOG_CLIENT, "backlog");
 
     // id → latest version, per table; every record also carries an array (a child table
@@ -558,7 +562,7 @@ const STALL: Duration = Duration::from_secs(3);
 
 fn overload_gets_fast_answers_and_loses_nothing(backend: Backend) {
     let db = TestDb::new(backend);
-    let server = Server::start(&db, &[]);
+    let server = Server::start(&db, &[QUIET]);
     let (_, key) = issue_key(&db, OVERLOAD_CLIENT, "overload");
     let pid = server.os_pid();
     let url = server.url(&format!("/v2/client/{OVERLOAD_CLIENT}/table/flood/data"));
@@ -724,6 +728,7 @@ fn slow_clients_are_cut_off_and_starve_nobody() {
     let server = Server::start(
         &db,
         &[
+            QUIET,
             ("INTAKE__SERVER__BODY_TIMEOUT_SECS", "2"),
             ("INTAKE__SERVER__CLIENT_REQUEST_TIMEOUT_SECS", "2"),
         ],
@@ -1196,7 +1201,7 @@ fn hostile_bodies() -> Vec<(String, String, Vec<u8>, Expect)> {
 
 fn hostile_bodies_get_a_201_or_a_4xx_never_a_5xx(backend: Backend) {
     let db = TestDb::new(backend);
-    let server = Server::start(&db, &[]);
+    let server = Server::start(&db, &[QUIET]);
     let (_, key) = issue_key(&db, HOSTILE_CLIENT, "hostile");
     let mut direct = DirectDb::open(&db);
     let cases = hostile_bodies();
@@ -1632,7 +1637,7 @@ fn probe_hashed_names(db: &TestDb, server: &Server, backend: Backend) -> (String
 
 fn hostile_field_and_key_names_load_as_data(backend: Backend) {
     let db = TestDb::new(backend);
-    let server = Server::start(&db, &[]);
+    let server = Server::start(&db, &[QUIET]);
     let (_, key) = issue_key(&db, NAMES_CLIENT, "names");
     let mut direct = DirectDb::open(&db);
     direct.exec("CREATE TABLE canary (x INTEGER NOT NULL)");
@@ -2259,7 +2264,7 @@ fn mutate(mut bytes: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
 
 fn the_push_parser_survives_random_documents_and_mutations(backend: Backend) {
     let db = TestDb::new(backend);
-    let server = Server::start(&db, &[]);
+    let server = Server::start(&db, &[QUIET]);
     let (_, key) = issue_key(&db, FUZZ_CLIENT, "fuzz");
     let direct = std::cell::RefCell::new(DirectDb::open(&db));
     let tried = AtomicUsize::new(0);
