@@ -77,8 +77,8 @@ pub fn load_chunk(
     let mut catalog = Catalog::load(conn, client_id, table)?;
     let mut rejected: Vec<(&Staged, String)> = Vec::new();
     let mut accepted: Vec<Accepted<'_>> = Vec::new();
-    for staged in chunk {
-        let flat = match flatten_record(&staged.record) {
+    for (staged, flat) in chunk.iter().zip(flatten_all(chunk)) {
+        let flat = match flat {
             Ok(flat) => flat,
             Err(why) => {
                 rejected.push((staged, why));
@@ -317,6 +317,31 @@ fn inline_width(cell: &Cell) -> usize {
         Cell::Text(s) if s.len() > 2000 => 20,
         Cell::Text(s) => s.len() + 4,
     }
+}
+
+/// Parses and flattens every record of a chunk, on two threads for large chunks: the database
+/// sits idle while this runs, so the second core is free.
+fn flatten_all(chunk: &[Staged]) -> Vec<Result<FlatRecord, String>> {
+    const PARALLEL_ABOVE: usize = 512;
+    let flatten = |part: &[Staged]| {
+        part.iter()
+            .map(|s| flatten_record(&s.record))
+            .collect::<Vec<_>>()
+    };
+    if chunk.len() <= PARALLEL_ABOVE {
+        return flatten(chunk);
+    }
+    let (first, second) = chunk.split_at(chunk.len() / 2);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| flatten(second));
+        let mut flat = flatten(first);
+        match other.join() {
+            Ok(rest) => flat.extend(rest),
+            // A panic in the other half: redo it here, where it will surface normally.
+            Err(_) => flat.extend(flatten(second)),
+        }
+        flat
+    })
 }
 
 /// Key column types for a new table, from the first record that declares its keys.
