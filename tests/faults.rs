@@ -22,10 +22,12 @@ use proptest::sample::Index;
 use proptest::test_runner::{Config, RngAlgorithm, RngSeed, TestRunner};
 use serde_json::{Value, json};
 use support::faults::{
-    CrashingServer, DirectDb, LoaderRun, current_url, ident, literal, loader_to_end, raw_connect,
-    raw_read, rss_kib, split_records, warehouse_table,
+    CrashingServer, DirectDb, current_url, ident, literal, loader_to_end, raw_connect, raw_read,
+    rss_kib, split_records, warehouse_table,
 };
-use support::{Backend, Reply, Server, TestDb, both_backends, http_agent, issue_key};
+use support::{
+    Backend, LoaderProcess, Reply, Server, TestDb, both_backends, http_agent, issue_key,
+};
 
 both_backends!(
     acknowledged_records_survive_server_crashes_under_load,
@@ -366,7 +368,7 @@ fn a_loader_killed_mid_chunk_loses_and_duplicates_nothing(backend: Backend) {
             runs <= 4 * LOADER_KILLS,
             "the loader kept finishing before it could be killed"
         );
-        let mut loader = LoaderRun::start(
+        let mut loader = LoaderProcess::spawn(
             &db,
             &format!("killed-{runs}"),
             &["run", "--chunk-size", "500"],
@@ -374,8 +376,7 @@ fn a_loader_killed_mid_chunk_loses_and_duplicates_nothing(backend: Backend) {
         std::thread::sleep(Duration::from_millis(rand::random_range(50..=400)));
         match loader.sigkill() {
             None => kills += 1,
-            Some(status) => {
-                let out = loader.output(status);
+            Some(out) => {
                 out.assert_success();
             }
         }

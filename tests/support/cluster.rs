@@ -8,15 +8,11 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, SystemTime};
 
 use tempfile::TempDir;
 
-use super::{
-    Backend, CliOutput, START_TIMEOUT, Server, TestDb, base_command, http_agent, listening_address,
-    lock, run_key_admin, sqlite_path,
-};
+use super::{Backend, CliOutput, Server, TestDb, base_command, run_key_admin, sqlite_path};
 
 /// Every private cluster lives in a temporary directory whose name starts with this, so that
 /// the ones a killed test run left behind can be recognised and stopped.
@@ -557,42 +553,7 @@ pub fn start_server_keeping_stdout(
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("starting intake-server");
-    let stderr = child.stderr.take().expect("the server's stderr is piped");
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let (addr_tx, addr_rx) = mpsc::channel();
-    let reader = {
-        let logs = logs.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            let mut addr_tx = Some(addr_tx);
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[intake-server] {line}");
-                if let Some(addr) = listening_address(&line)
-                    && let Some(tx) = addr_tx.take()
-                {
-                    let _ = tx.send(addr);
-                }
-                lock(&logs).push(line);
-            }
-        })
-    };
-    let mut server = Server {
-        child,
-        base_url: String::new(),
-        logs,
-        reader: Some(reader),
-        agent: http_agent(),
-    };
-    match addr_rx.recv_timeout(START_TIMEOUT) {
-        Ok(addr) => server.base_url = format!("http://{addr}"),
-        Err(e) => panic!(
-            "intake-server did not report a listening address ({e}); its log:\n{}",
-            server.logs().join("\n")
-        ),
-    }
-    server
+    Server::spawn(cmd)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,8 +8,6 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
-use std::process::{Child, ExitStatus, Stdio};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -18,7 +16,7 @@ use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel::sqlite::SqliteConnection;
 use diesel::{Connection, QueryableByName, RunQueryDsl};
 
-use super::{Backend, CliOutput, Server, TestDb, base_command, sqlite_path};
+use super::{Backend, CliOutput, LoaderProcess, Server, TestDb, sqlite_path};
 
 // ---------------------------------------------------------------------------------------------
 // Killing and restarting processes.
@@ -116,87 +114,11 @@ pub fn current_url(url: &RwLock<String>) -> String {
     url.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
-/// An `intake-loader` process whose output goes to files in the test directory, so that it
-/// can never block on a full pipe. Killed when dropped if still running.
-pub struct LoaderRun {
-    child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
-}
-
-impl LoaderRun {
-    /// Starts `intake-loader ARGS` against `db`; `name` tells its output files apart.
-    pub fn start(db: &TestDb, name: &str, args: &[&str]) -> LoaderRun {
-        let stdout = db.dir().join(format!("{name}.stdout"));
-        let stderr = db.dir().join(format!("{name}.stderr"));
-        let create = |path: &PathBuf| std::fs::File::create(path).expect("creating an output file");
-        let child = base_command(env!("CARGO_BIN_EXE_intake-loader"), db)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(create(&stdout))
-            .stderr(create(&stderr))
-            .spawn()
-            .expect("starting intake-loader");
-        LoaderRun {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    /// SIGKILL if it is still running. `Some(status)` if it had already ended by itself.
-    pub fn sigkill(&mut self) -> Option<ExitStatus> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return Some(status);
-        }
-        let _ = self.child.kill();
-        let status = self.child.wait().expect("waiting for the killed loader");
-        // It may have exited in the instant between the check and the kill.
-        (status.signal() != Some(9)).then_some(status)
-    }
-
-    /// Waits for it to end, at most `timeout` (then kills it and fails the test).
-    pub fn finish(mut self, timeout: Duration) -> CliOutput {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("waiting for intake-loader") {
-                return self.output(status);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let status = self.child.wait().expect("waiting for intake-loader");
-                let out = self.output(status);
-                panic!(
-                    "intake-loader did not finish within {timeout:?}; stderr:\n{}",
-                    out.stderr
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// What it printed and how it ended.
-    pub fn output(&self, status: ExitStatus) -> CliOutput {
-        CliOutput {
-            status,
-            stdout: std::fs::read_to_string(&self.stdout).unwrap_or_default(),
-            stderr: std::fs::read_to_string(&self.stderr).unwrap_or_default(),
-        }
-    }
-}
-
-impl Drop for LoaderRun {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// `intake-loader ARGS` to the end (at most `timeout`).
 pub fn loader_to_end(db: &TestDb, name: &str, args: &[&str], timeout: Duration) -> CliOutput {
-    LoaderRun::start(db, name, args).finish(timeout)
+    LoaderProcess::spawn(db, name, args)
+        .wait(timeout)
+        .unwrap_or_else(|| panic!("intake-loader {args:?} did not finish within {timeout:?}"))
 }
 
 /// Resident memory of a process in KiB (`VmRSS` in `/proc/PID/status`), if it is alive.

@@ -282,6 +282,12 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        Server::spawn(cmd)
+    }
+
+    /// Spawns a prepared `intake-server` command (its standard error piped), collects its log
+    /// and waits until it reports its listening address.
+    pub fn spawn(mut cmd: Command) -> Server {
         let mut child = cmd.spawn().expect("starting intake-server");
         let stderr = child.stderr.take().expect("the server's stderr is piped");
 
@@ -786,19 +792,34 @@ impl LoaderProcess {
         assert!(status.success(), "kill -{name} {} failed", self.child.id());
     }
 
+    /// SIGKILL if it is still running; `Some(output)` if it had already ended by itself (also
+    /// in the instant between the check and the kill).
+    pub fn sigkill(&mut self) -> Option<CliOutput> {
+        use std::os::unix::process::ExitStatusExt;
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(self.output(status));
+        }
+        let _ = self.child.kill();
+        let status = self.child.wait().expect("waiting for the killed loader");
+        (status.signal() != Some(9)).then(|| self.output(status))
+    }
+
+    /// What it printed, and how it ended.
+    fn output(&self, status: std::process::ExitStatus) -> CliOutput {
+        CliOutput {
+            status,
+            stdout: std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+            stderr: self.stderr(),
+        }
+    }
+
     /// Waits up to `timeout` for it to exit and returns what it printed; `None` (after
     /// killing it) if it was still running.
     pub fn wait(&mut self, timeout: Duration) -> Option<CliOutput> {
         let deadline = Instant::now() + timeout;
         loop {
             match self.child.try_wait().expect("waiting for intake-loader") {
-                Some(status) => {
-                    return Some(CliOutput {
-                        status,
-                        stdout: std::fs::read_to_string(&self.stdout).unwrap_or_default(),
-                        stderr: self.stderr(),
-                    });
-                }
+                Some(status) => return Some(self.output(status)),
                 None if Instant::now() > deadline => {
                     let _ = self.child.kill();
                     let _ = self.child.wait();
