@@ -566,17 +566,7 @@ pub fn key_admin_with_env(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> C
 
 /// `intake-loader ARGS` against `db` with extra environment variables, to the end.
 pub fn loader_with_env(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> CliOutput {
-    let output = base_command(env!("CARGO_BIN_EXE_intake-loader"), db)
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .output()
-        .expect("running intake-loader");
-    CliOutput {
-        status: output.status,
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    super::run_cli(env!("CARGO_BIN_EXE_intake-loader"), db, args, env)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use diesel::pg::PgConnection;
 use diesel::sql_types::{BigInt, Nullable, Text};
 use diesel::sqlite::SqliteConnection;
-use diesel::{Connection, QueryableByName, RunQueryDsl};
+use diesel::{QueryableByName, RunQueryDsl};
 
-use super::{Backend, CliOutput, LoaderProcess, Server, TestDb, sqlite_path};
+use super::{Backend, CliOutput, DbConnection, LoaderProcess, Server, TestDb};
 
 // ---------------------------------------------------------------------------------------------
 // Killing and restarting processes.
@@ -142,22 +142,9 @@ pub enum DirectDb {
 
 impl DirectDb {
     pub fn open(db: &TestDb) -> DirectDb {
-        match db.backend {
-            Backend::Postgres => DirectDb::Pg(
-                PgConnection::establish(&db.url)
-                    .unwrap_or_else(|e| panic!("connecting to {}: {e}", db.url)),
-            ),
-            Backend::Sqlite => {
-                let path = sqlite_path(&db.url);
-                assert!(path.exists(), "no SQLite database at {}", path.display());
-                let mut conn = SqliteConnection::establish(&path.to_string_lossy())
-                    .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-                // The server or a loader may be writing at the same time.
-                diesel::sql_query("PRAGMA busy_timeout = 10000")
-                    .execute(&mut conn)
-                    .expect("setting the busy timeout");
-                DirectDb::Sqlite(conn)
-            }
+        match DbConnection::open(db) {
+            DbConnection::Pg(conn) => DirectDb::Pg(conn),
+            DbConnection::Sqlite(conn) => DirectDb::Sqlite(conn),
         }
     }
 

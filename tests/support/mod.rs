@@ -590,12 +590,17 @@ pub fn key_admin(db: &TestDb, args: &[&str]) -> CliOutput {
 }
 
 fn run_key_admin(db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> CliOutput {
-    let output = base_command(env!("CARGO_BIN_EXE_intake-key-admin"), db)
+    run_cli(env!("CARGO_BIN_EXE_intake-key-admin"), db, args, env)
+}
+
+/// Runs one of the real command-line binaries against `db` to the end and returns its output.
+pub fn run_cli(exe: &str, db: &TestDb, args: &[&str], env: &[(&str, &str)]) -> CliOutput {
+    let output = base_command(exe, db)
         .args(args)
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
-        .expect("running intake-key-admin");
+        .unwrap_or_else(|e| panic!("running {exe}: {e}"));
     CliOutput {
         status: output.status,
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -711,16 +716,7 @@ pub fn unknown_key() -> String {
 /// Runs the real `intake-loader` with `args` (e.g. `["run"]`) against `db`, with its default
 /// settings, and waits for it to end.
 pub fn run_loader(db: &TestDb, args: &[&str]) -> CliOutput {
-    let output = base_command(env!("CARGO_BIN_EXE_intake-loader"), db)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running intake-loader");
-    CliOutput {
-        status: output.status,
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    run_cli(env!("CARGO_BIN_EXE_intake-loader"), db, args, &[])
 }
 
 /// `intake-loader run`, which must succeed.
