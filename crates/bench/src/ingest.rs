@@ -130,6 +130,7 @@ pub fn ingest(
                     table: "events",
                     received_at: intake_core::timestamps::now(),
                     records: &all,
+                    stitch: None,
                 },
             )?;
         }

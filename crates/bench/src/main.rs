@@ -173,6 +173,7 @@ fn load_scenario(backend: Backend, records: usize, chunk_size: usize) -> anyhow:
                 table: TABLE,
                 received_at: intake_core::timestamps::now(),
                 records: &refs,
+                stitch: None,
             },
         )?;
         staged += batch.len();

@@ -106,6 +106,11 @@ fn malformed(e: serde_json::Error) -> BodyRejection {
 
 /// Rejects bodies nested deeper than `max_depth` before any recursive parsing happens.
 fn check_depth(body: &[u8], max_depth: usize) -> Result<(), BodyRejection> {
+    check_nesting(body, max_depth).map_err(|message| BodyRejection::invalid(message, vec![]))
+}
+
+/// Says whether `body` nests JSON deeper than `max_depth`, without parsing it recursively.
+pub fn check_nesting(body: &[u8], max_depth: usize) -> Result<(), String> {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for &b in body {
         if in_string {
@@ -122,9 +127,8 @@ fn check_depth(body: &[u8], max_depth: usize) -> Result<(), BodyRejection> {
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max_depth {
-                    return Err(BodyRejection::invalid(
-                        format!("JSON nesting is deeper than the limit of {max_depth} levels"),
-                        vec![],
+                    return Err(format!(
+                        "JSON nesting is deeper than the limit of {max_depth} levels"
                     ));
                 }
             }
@@ -148,30 +152,49 @@ fn validate_record(record: &RawValue) -> Result<(), String> {
         .ok_or("has no \"keys\" field (a non-empty array naming its key fields)")?;
     let keys: Vec<serde_json::Value> = serde_json::from_str(keys_raw.get())
         .map_err(|_| "\"keys\" must be a non-empty array of field names")?;
+    let names = check_key_names(&keys, "\"keys\"")?;
+    if names.contains(&"keys") {
+        return Err("\"keys\" cannot name the \"keys\" field itself".into());
+    }
+    check_key_values(&names, |name| fields.get(name).copied())
+}
+
+/// Checks a declared list of key field names (`what` names the list in messages: `"keys"` or
+/// `"key_names"`): 1 to [`MAX_KEY_FIELDS`] distinct strings. Shared by both protocols.
+pub fn check_key_names<'k>(
+    keys: &'k [serde_json::Value],
+    what: &str,
+) -> Result<Vec<&'k str>, String> {
     if keys.is_empty() {
-        return Err("\"keys\" must be a non-empty array of field names".into());
+        return Err(format!("{what} must be a non-empty array of field names"));
     }
     if keys.len() > MAX_KEY_FIELDS {
         return Err(format!(
-            "\"keys\" names {} fields; at most {MAX_KEY_FIELDS} are allowed",
+            "{what} names {} fields; at most {MAX_KEY_FIELDS} are allowed",
             keys.len()
         ));
     }
     let mut seen: Vec<&str> = Vec::with_capacity(keys.len());
-    for key in &keys {
+    for key in keys {
         let serde_json::Value::String(name) = key else {
-            return Err("\"keys\" must contain only strings (field names)".into());
+            return Err(format!("{what} must contain only strings (field names)"));
         };
         if seen.contains(&name.as_str()) {
-            return Err(format!("\"keys\" names {} more than once", shown(name)));
+            return Err(format!("{what} names {} more than once", shown(name)));
         }
         seen.push(name);
-        if name == "keys" {
-            return Err("\"keys\" cannot name the \"keys\" field itself".into());
-        }
-        let value = fields
-            .get(name.as_str())
-            .ok_or_else(|| format!("key field {} is missing", shown(name)))?;
+    }
+    Ok(seen)
+}
+
+/// Checks that every key field is present with a usable value: a non-null string (at most
+/// [`MAX_STRING_KEY_BYTES`]), a 64-bit integer or a boolean.
+pub fn check_key_values<'f>(
+    names: &[&str],
+    field: impl Fn(&str) -> Option<&'f RawValue>,
+) -> Result<(), String> {
+    for name in names {
+        let value = field(name).ok_or_else(|| format!("key field {} is missing", shown(name)))?;
         check_key_value(name, value)?;
     }
     Ok(())
@@ -219,7 +242,7 @@ fn check_key_value(name: &str, value: &RawValue) -> Result<(), String> {
 
 /// Refuses `\\u` escapes that are not Unicode text: a lone surrogate (`\\ud800` without its
 /// pair) is valid JSON syntax but no string can hold it, so the record could never load.
-fn check_unicode_escapes(text: &str) -> Result<(), String> {
+pub fn check_unicode_escapes(text: &str) -> Result<(), String> {
     let bytes = text.as_bytes();
     let hex4 = |at: usize| -> Option<u32> {
         let digits = bytes.get(at..at + 4)?;

@@ -23,6 +23,16 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub rate_limit: RateLimitSettings,
     pub loader: LoaderSettings,
+    pub stitch: StitchSettings,
+}
+
+/// Limits of the Stitch Import API endpoints (`/v2/import/...`), which take larger requests
+/// than the RJMetrics ones: Singer targets send batches of up to 20 MB.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StitchSettings {
+    pub max_body_bytes: usize,
+    pub max_records_per_request: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -128,6 +138,12 @@ impl Settings {
         }
         if s.max_body_bytes < 2 {
             bail!("server.max_body_bytes must be at least 2");
+        }
+        if self.stitch.max_body_bytes < 2 {
+            bail!("stitch.max_body_bytes must be at least 2");
+        }
+        if self.stitch.max_records_per_request == 0 {
+            bail!("stitch.max_records_per_request must be at least 1");
         }
         if !(2..=120).contains(&s.max_json_depth) {
             bail!("server.max_json_depth must be between 2 and 120");

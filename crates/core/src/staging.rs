@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamptz};
 use diesel::sqlite::{Sqlite, SqliteConnection};
 
 use crate::db::DbConn;
@@ -26,7 +26,33 @@ pub struct StagedBatch<'a> {
     pub received_at: DateTime<Utc>,
     /// Each record's exact JSON text, in the order received.
     pub records: &'a [&'a str],
+    /// What the Stitch protocol adds; `None` for RJMetrics pushes.
+    pub stitch: Option<StitchParts<'a>>,
 }
+
+/// The Stitch protocol's additions to a batch: per-record metadata and the table's schema.
+#[derive(Clone, Copy)]
+pub struct StitchParts<'a> {
+    /// One entry per record, in the same order.
+    pub meta: &'a [RecordMeta],
+    /// The batch's JSON Schema, kept as the table's newest schema (the loader types by it).
+    pub schema: Option<&'a str>,
+}
+
+/// A Stitch record's ordering, keys and version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordMeta {
+    /// The client's `sequence`: a stored record is replaced only by a higher one.
+    pub client_seq: i64,
+    /// The key field names, as a JSON array of strings.
+    pub key_names: String,
+    pub table_version: Option<i64>,
+    /// An `activate_version` marker rather than a record.
+    pub activate: bool,
+}
+
+/// The `action` stored for an activate_version marker.
+pub const ACTIVATE_VERSION: &str = "activate_version";
 
 /// The sequence numbers a committed batch received (inclusive).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,20 +97,39 @@ pub fn append_all(
             let first_batch = &batches[group[0]];
             let mut records = Vec::new();
             let mut times = Vec::new();
+            let any_stitch = group.iter().any(|&i| batches[i].stitch.is_some());
+            let mut meta: Vec<Option<&RecordMeta>> = Vec::new();
+            let mut schema = None;
             for &i in group {
-                records.extend_from_slice(batches[i].records);
-                times.extend(std::iter::repeat_n(
-                    batches[i].received_at,
-                    batches[i].records.len(),
+                let batch = &batches[i];
+                records.extend_from_slice(batch.records);
+                times.extend(std::iter::repeat_n(batch.received_at, batch.records.len()));
+                if any_stitch {
+                    match batch.stitch {
+                        Some(parts) => {
+                            meta.extend(parts.meta.iter().map(Some));
+                            schema = parts.schema.or(schema);
+                        }
+                        None => meta.extend(std::iter::repeat_n(None, batch.records.len())),
+                    }
+                }
+            }
+            if meta.len() != records.len() && any_stitch {
+                return Err(diesel::result::Error::QueryBuilderError(
+                    "a Stitch batch needs one metadata entry per record".into(),
                 ));
             }
-            let last = append_table(
-                conn,
-                first_batch.client_id,
-                first_batch.table,
-                &records,
-                &times,
-            )?;
+            let staged = TableRecords {
+                client_id: first_batch.client_id,
+                table: first_batch.table,
+                records: &records,
+                times: &times,
+                meta: any_stitch.then_some(&meta[..]),
+            };
+            let last = append_table(conn, &staged)?;
+            if let Some(schema) = schema {
+                save_schema(conn, staged.client_id, staged.table, schema)?;
+            }
             let mut next = last - records.len() as i64 + 1;
             for &i in group {
                 let n = batches[i].records.len() as i64;
@@ -135,37 +180,89 @@ enum RawConn<'a> {
     Sqlite(&'a mut SqliteConnection),
 }
 
-/// Writes one table's records (already in sequence order) and returns the last sequence
-/// number used. Must run inside a transaction: the counter row stays locked until commit.
-fn append_table(
-    conn: &mut RawConn<'_>,
+/// One table's records of a group transaction, in sequence order.
+struct TableRecords<'a> {
     client_id: i64,
-    table: &str,
-    records: &[&str],
-    times: &[DateTime<Utc>],
-) -> QueryResult<i64> {
-    let count = records.len() as i64;
+    table: &'a str,
+    records: &'a [&'a str],
+    times: &'a [DateTime<Utc>],
+    /// Per record, when any record of the group came through the Stitch protocol.
+    meta: Option<&'a [Option<&'a RecordMeta>]>,
+}
+
+impl TableRecords<'_> {
+    fn client_seqs(&self) -> Vec<Option<i64>> {
+        self.meta_field(|m| Some(m.client_seq))
+    }
+
+    fn key_names(&self) -> Vec<Option<&str>> {
+        self.meta_field(|m| Some(m.key_names.as_str()))
+    }
+
+    fn versions(&self) -> Vec<Option<i64>> {
+        self.meta_field(|m| m.table_version)
+    }
+
+    fn actions(&self) -> Vec<Option<&'static str>> {
+        self.meta_field(|m| m.activate.then_some(ACTIVATE_VERSION))
+    }
+
+    fn meta_field<'m, T>(&'m self, f: impl Fn(&'m RecordMeta) -> Option<T>) -> Vec<Option<T>> {
+        self.meta
+            .unwrap_or_default()
+            .iter()
+            .map(|m| m.and_then(&f))
+            .collect()
+    }
+}
+
+/// Writes one table's records and returns the last sequence number used. Must run inside a
+/// transaction: the counter row stays locked until commit.
+fn append_table(conn: &mut RawConn<'_>, t: &TableRecords<'_>) -> QueryResult<i64> {
+    let count = t.records.len() as i64;
     match conn {
         RawConn::Pg(c) => {
             // One statement: bump the counter (taking its row lock) and insert every record.
-            let rows: Vec<LastSeq> = diesel::sql_query(
-                "WITH s AS ( \
+            let counter = "WITH s AS ( \
                    INSERT INTO staging_sequences AS q (client_id, table_name, last_seq) \
                    VALUES ($1, $2, $3) \
                    ON CONFLICT (client_id, table_name) DO UPDATE SET last_seq = q.last_seq + EXCLUDED.last_seq \
-                   RETURNING q.last_seq), \
-                 ins AS ( \
-                   INSERT INTO staged_records (client_id, table_name, seq, received_at, record) \
-                   SELECT $1, $2, s.last_seq - $3 + r.ord, r.at, r.rec \
-                   FROM s, unnest($4::text[], $5::timestamptz[]) WITH ORDINALITY AS r(rec, at, ord)) \
-                 SELECT last_seq FROM s",
-            )
-            .bind::<BigInt, _>(client_id)
-            .bind::<Text, _>(table)
-            .bind::<BigInt, _>(count)
-            .bind::<Array<Text>, _>(records)
-            .bind::<Array<Timestamptz>, _>(times)
-            .load(*c)?;
+                   RETURNING q.last_seq), ";
+            let rows: Vec<LastSeq> = if t.meta.is_none() {
+                diesel::sql_query(format!(
+                    "{counter} ins AS ( \
+                       INSERT INTO staged_records (client_id, table_name, seq, received_at, record) \
+                       SELECT $1, $2, s.last_seq - $3 + r.ord, r.at, r.rec \
+                       FROM s, unnest($4::text[], $5::timestamptz[]) WITH ORDINALITY AS r(rec, at, ord)) \
+                     SELECT last_seq FROM s"
+                ))
+                .bind::<BigInt, _>(t.client_id)
+                .bind::<Text, _>(t.table)
+                .bind::<BigInt, _>(count)
+                .bind::<Array<Text>, _>(t.records)
+                .bind::<Array<Timestamptz>, _>(t.times)
+                .load(*c)?
+            } else {
+                diesel::sql_query(format!(
+                    "{counter} ins AS ( \
+                       INSERT INTO staged_records (client_id, table_name, seq, received_at, record, \
+                         client_seq, key_names, table_version, action) \
+                       SELECT $1, $2, s.last_seq - $3 + r.ord, r.at, r.rec, r.cs, r.kn, r.tv, r.act \
+                       FROM s, unnest($4::text[], $5::timestamptz[], $6::bigint[], $7::text[], \
+                         $8::bigint[], $9::text[]) WITH ORDINALITY AS r(rec, at, cs, kn, tv, act, ord)) \
+                     SELECT last_seq FROM s"
+                ))
+                .bind::<BigInt, _>(t.client_id)
+                .bind::<Text, _>(t.table)
+                .bind::<BigInt, _>(count)
+                .bind::<Array<Text>, _>(t.records)
+                .bind::<Array<Timestamptz>, _>(t.times)
+                .bind::<Array<Nullable<BigInt>>, _>(t.client_seqs())
+                .bind::<Array<Nullable<Text>>, _>(t.key_names())
+                .bind::<Array<Nullable<BigInt>>, _>(t.versions())
+                .bind::<Array<Nullable<Text>>, _>(t.actions())
+                .load(*c)?
+            };
             rows.first()
                 .map(|r| r.last_seq)
                 .ok_or(diesel::result::Error::NotFound)
@@ -176,37 +273,84 @@ fn append_table(
                  ON CONFLICT (client_id, table_name) DO UPDATE SET last_seq = last_seq + excluded.last_seq \
                  RETURNING last_seq",
             )
-            .bind::<BigInt, _>(client_id)
-            .bind::<Text, _>(table)
+            .bind::<BigInt, _>(t.client_id)
+            .bind::<Text, _>(t.table)
             .bind::<BigInt, _>(count)
             .get_result(*c)?;
             let first = last - count + 1;
-            for (chunk_no, chunk) in records.chunks(SQLITE_ROWS_PER_INSERT).enumerate() {
-                let mut sql = String::from(
-                    "INSERT INTO staged_records (client_id, table_name, seq, received_at, record) VALUES ",
-                );
+            let (seqs, names, versions, actions) =
+                (t.client_seqs(), t.key_names(), t.versions(), t.actions());
+            let with_meta = t.meta.is_some();
+            let (columns, one_row) = if with_meta {
+                (
+                    "client_id, table_name, seq, received_at, record, client_seq, key_names, table_version, action",
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+            } else {
+                (
+                    "client_id, table_name, seq, received_at, record",
+                    "(?, ?, ?, ?, ?)",
+                )
+            };
+            for (chunk_no, chunk) in t.records.chunks(SQLITE_ROWS_PER_INSERT).enumerate() {
+                let mut sql = format!("INSERT INTO staged_records ({columns}) VALUES ");
                 for i in 0..chunk.len() {
-                    sql.push_str(if i == 0 {
-                        "(?, ?, ?, ?, ?)"
-                    } else {
-                        ", (?, ?, ?, ?, ?)"
-                    });
+                    if i > 0 {
+                        sql.push_str(", ");
+                    }
+                    sql.push_str(one_row);
                 }
                 let mut query = diesel::sql_query(sql).into_boxed::<Sqlite>();
                 let base = chunk_no * SQLITE_ROWS_PER_INSERT;
                 for (i, record) in chunk.iter().enumerate() {
+                    let n = base + i;
                     query = query
-                        .bind::<BigInt, _>(client_id)
-                        .bind::<Text, _>(table)
-                        .bind::<BigInt, _>(first + (base + i) as i64)
-                        .bind::<Text, _>(sqlite_text(times[base + i]))
+                        .bind::<BigInt, _>(t.client_id)
+                        .bind::<Text, _>(t.table)
+                        .bind::<BigInt, _>(first + n as i64)
+                        .bind::<Text, _>(sqlite_text(t.times[n]))
                         .bind::<Text, _>(*record);
+                    if with_meta {
+                        query = query
+                            .bind::<Nullable<BigInt>, _>(seqs[n])
+                            .bind::<Nullable<Text>, _>(names[n])
+                            .bind::<Nullable<BigInt>, _>(versions[n])
+                            .bind::<Nullable<Text>, _>(actions[n]);
+                    }
                 }
                 query.execute(*c)?;
             }
             Ok(last)
         }
     }
+}
+
+/// Keeps `schema` as the table's newest JSON Schema, in the batch's transaction.
+fn save_schema(
+    conn: &mut RawConn<'_>,
+    client_id: i64,
+    table: &str,
+    schema: &str,
+) -> QueryResult<()> {
+    let sql = "INSERT INTO table_schemas (client_id, table_name, json_schema, updated_at) \
+               VALUES ($1, $2, $3, $4) ON CONFLICT (client_id, table_name) \
+               DO UPDATE SET json_schema = excluded.json_schema, updated_at = excluded.updated_at";
+    let now = crate::timestamps::now();
+    match conn {
+        RawConn::Pg(c) => diesel::sql_query(sql)
+            .bind::<BigInt, _>(client_id)
+            .bind::<Text, _>(table)
+            .bind::<Text, _>(schema)
+            .bind::<Timestamptz, _>(now)
+            .execute(*c)?,
+        RawConn::Sqlite(c) => diesel::sql_query(sql)
+            .bind::<BigInt, _>(client_id)
+            .bind::<Text, _>(table)
+            .bind::<Text, _>(schema)
+            .bind::<Text, _>(sqlite_text(now))
+            .execute(*c)?,
+    };
+    Ok(())
 }
 
 /// Records waiting in staging per (client, table), for status pages and tests.

@@ -22,6 +22,11 @@ pub const SEQ_COLUMN: &str = "_intake_seq";
 pub const RECEIVED_COLUMN: &str = "_intake_received_at";
 pub const LOADED_COLUMN: &str = "_intake_loaded_at";
 pub const OVERFLOW_COLUMN: &str = "_intake_overflow";
+/// Root tables: the Stitch client's `sequence` of the stored record (NULL for RJMetrics
+/// records, which count as 0 when versions of a key are compared).
+pub const CLIENT_SEQ_COLUMN: &str = "_intake_client_seq";
+/// Root tables: the Stitch `table_version` the row belongs to (full-table replication).
+pub const VERSION_COLUMN: &str = "_intake_table_version";
 /// Per-client system tables.
 pub const TABLES_TABLE: &str = "_intake_tables";
 pub const COLUMNS_TABLE: &str = "_intake_columns";
@@ -63,6 +68,8 @@ impl TableInfo {
             (RECEIVED_COLUMN, ColType::Timestamp),
             (LOADED_COLUMN, ColType::Timestamp),
             (OVERFLOW_COLUMN, ColType::Json),
+            (CLIENT_SEQ_COLUMN, ColType::BigInt),
+            (VERSION_COLUMN, ColType::BigInt),
         ] {
             used.insert(system.to_owned(), t);
         }
@@ -386,6 +393,11 @@ impl Catalog {
             ));
             cols.push(format!("{} {ts} NOT NULL", quote(RECEIVED_COLUMN)));
             cols.push(format!("{} {ts} NOT NULL", quote(LOADED_COLUMN)));
+            if key == EMPTY_PATH {
+                for system in [CLIENT_SEQ_COLUMN, VERSION_COLUMN] {
+                    cols.push(format!("{} {}", quote(system), d.sql_type(ColType::BigInt)));
+                }
+            }
             let pk: Vec<String> = info.key_columns.iter().map(|(n, _)| quote(n)).collect();
             conn.batch(&format!(
                 "CREATE TABLE {} ({}, PRIMARY KEY ({}))",

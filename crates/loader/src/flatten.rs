@@ -113,14 +113,27 @@ pub fn path_segments(key: &str) -> Vec<String> {
     serde_json::from_str(key).unwrap_or_default()
 }
 
-/// Flattens a record; `Err` says why it cannot be loaded.
+/// Flattens an RJMetrics record, which names its key fields in its own `"keys"` field;
+/// `Err` says why it cannot be loaded.
 pub fn flatten_record(text: &str) -> Result<FlatRecord, String> {
+    flatten_with_keys(text, None)
+}
+
+/// Flattens a record. `key_names` (a JSON array of field names) comes with Stitch records,
+/// whose data is all fields: a field named `keys` is then data like any other.
+pub fn flatten_with_keys(text: &str, key_names: Option<&str>) -> Result<FlatRecord, String> {
     let value: Value =
         serde_json::from_str(text).map_err(|e| format!("record is not valid JSON: {e}"))?;
     let Value::Object(mut fields) = value else {
         return Err("record is not a JSON object".into());
     };
-    let keys: Vec<String> = match fields.remove("keys") {
+    let declared = match key_names {
+        Some(names) => {
+            Some(serde_json::from_str(names).map_err(|e| format!("key_names is not JSON: {e}"))?)
+        }
+        None => fields.remove("keys"),
+    };
+    let keys: Vec<String> = match declared {
         Some(Value::Array(names)) => names
             .into_iter()
             .map(|n| match n {

@@ -15,6 +15,7 @@ pub mod identifiers;
 pub mod load_chunk;
 pub mod pass;
 pub mod queue;
+pub mod schema_types;
 pub mod sql;
 pub mod status;
 pub mod value_types;

@@ -10,13 +10,15 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::bulk::{Val, insert_rows};
 use crate::catalog::{
-    Catalog, HISTORY_TABLE, LOADED_COLUMN, OVERFLOW_COLUMN, Placement, RECEIVED_COLUMN,
-    REJECTED_TABLE, SEQ_COLUMN, TableInfo, ensure_overflow, place_cell,
+    CLIENT_SEQ_COLUMN, Catalog, HISTORY_TABLE, LOADED_COLUMN, OVERFLOW_COLUMN, Placement,
+    RECEIVED_COLUMN, REJECTED_TABLE, SEQ_COLUMN, TableInfo, VERSION_COLUMN, ensure_overflow,
+    place_cell,
 };
 use crate::dialect::Dialect;
-use crate::flatten::{EMPTY_PATH, FlatRecord, flatten_record, path_key, path_segments};
+use crate::flatten::{EMPTY_PATH, FlatRecord, flatten_with_keys, path_key, path_segments};
 use crate::identifiers::quote;
 use crate::queue::{self, Staged};
+use crate::schema_types::SchemaTypes;
 use crate::sql::{Conn, Param};
 use crate::value_types::{Cell, ColType};
 
@@ -43,6 +45,8 @@ struct PendingRow {
     overflow: serde_json::Map<String, serde_json::Value>,
     seq: i64,
     received: Val,
+    /// The client sequence and table version of a Stitch record (root rows only).
+    stitch: Option<(i64, Option<i64>)>,
 }
 
 /// Rows being assembled for one table.
@@ -65,7 +69,84 @@ impl TableRows {
 }
 
 /// Loads `chunk` (in sequence order) for one table. Runs in the caller's transaction.
+/// An activate_version marker splits the chunk: the records before it are loaded, then the
+/// table's older versions are removed, then the records after it are loaded.
 pub fn load_chunk(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    chunk: &[Staged],
+) -> QueryResult<ChunkOutcome> {
+    let mut outcome = ChunkOutcome::default();
+    let mut rest = chunk;
+    while !rest.is_empty() {
+        let split = rest.iter().position(Staged::is_activation);
+        if split == Some(0) {
+            activate_version(conn, client_id, table, &rest[0])?;
+            rest = &rest[1..];
+            continue;
+        }
+        let (records, after) = rest.split_at(split.unwrap_or(rest.len()));
+        let done = load_records(conn, client_id, table, records)?;
+        outcome.loaded += done.loaded;
+        outcome.rejected += done.rejected;
+        rest = after;
+    }
+    Ok(outcome)
+}
+
+/// Applies an activate_version marker: rows of the table whose version is older than the
+/// marker's (or that have none) go, with their child rows. The marker leaves staging.
+fn activate_version(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    marker: &Staged,
+) -> QueryResult<()> {
+    let version = marker.stitch.as_ref().and_then(|m| m.table_version);
+    let catalog = Catalog::load(conn, client_id, table)?;
+    if let (Some(version), Some(root)) = (version, catalog.tables.get(EMPTY_PATH)) {
+        let d = catalog.dialect;
+        let root_ref = d.table_ref(client_id, &root.name);
+        let removed = conn.execute(
+            &format!(
+                "DELETE FROM {root_ref} WHERE {v} IS NULL OR {v} < {}",
+                d.placeholder(1),
+                v = quote(VERSION_COLUMN),
+            ),
+            vec![Param::Int(Some(version))],
+        )?;
+        if removed > 0 {
+            for (key, child) in &catalog.tables {
+                if key == EMPTY_PATH {
+                    continue;
+                }
+                let matches: Vec<String> = child
+                    .key_columns
+                    .iter()
+                    .zip(&root.key_columns)
+                    .map(|((c, _), (r, _))| format!("r.{} = c.{}", quote(r), quote(c)))
+                    .collect();
+                conn.execute(
+                    &format!(
+                        "DELETE FROM {} AS c WHERE NOT EXISTS (SELECT 1 FROM {root_ref} AS r WHERE {})",
+                        d.table_ref(client_id, &child.name),
+                        matches.join(" AND ")
+                    ),
+                    vec![],
+                )?;
+            }
+        }
+        log::info!(
+            "client {client_id} table {table}: version {version} activated, {removed} rows of older versions removed"
+        );
+    }
+    queue::delete_range(conn, client_id, table, marker.seq, marker.seq)?;
+    Ok(())
+}
+
+/// Loads records (no activate_version markers among them).
+fn load_records(
     conn: &mut Conn<'_>,
     client_id: i64,
     table: &str,
@@ -75,9 +156,14 @@ pub fn load_chunk(
     let started_at = intake_core::timestamps::now();
     let dialect = conn.dialect();
     let mut catalog = Catalog::load(conn, client_id, table)?;
+    let declared = if chunk.iter().any(|s| s.stitch.is_some()) {
+        SchemaTypes::load(conn, client_id, table)?
+    } else {
+        SchemaTypes::default()
+    };
     let mut rejected: Vec<(&Staged, String)> = Vec::new();
     let mut accepted: Vec<Accepted<'_>> = Vec::new();
-    for (staged, flat) in chunk.iter().zip(flatten_all(chunk)) {
+    for (staged, flat) in chunk.iter().zip(flatten_all(chunk, &declared)) {
         let flat = match flat {
             Ok(flat) => flat,
             Err(why) => {
@@ -115,10 +201,14 @@ pub fn load_chunk(
     }
     let t_flatten = started.elapsed();
 
-    // Newest record per key wins within the chunk (the chunk is in sequence order).
+    // Newest record per key wins within the chunk: the highest client sequence (Stitch), then
+    // the latest commit.
     let mut newest: FxHashMap<String, usize> = FxHashMap::default();
     for (i, a) in accepted.iter().enumerate() {
-        newest.insert(format!("{:?}", a.key_values), i);
+        let best = newest.entry(format!("{:?}", a.key_values)).or_insert(i);
+        if accepted[*best].staged.order() < a.staged.order() {
+            *best = i;
+        }
     }
     let mut candidates: Vec<usize> = newest.into_values().collect();
     candidates.sort_unstable();
@@ -161,6 +251,11 @@ pub fn load_chunk(
                 overflow: row.1,
                 seq,
                 received: received.clone(),
+                stitch: a
+                    .staged
+                    .stitch
+                    .as_ref()
+                    .map(|m| (m.client_seq, m.table_version)),
             });
         for child in &a.flat.children {
             let child_key = catalog.child_table(&child.array_path, child.positions.len())?;
@@ -182,6 +277,7 @@ pub fn load_chunk(
                     overflow: row.1,
                     seq,
                     received: received.clone(),
+                    stitch: None,
                 });
         }
     }
@@ -321,11 +417,16 @@ fn inline_width(cell: &Cell) -> usize {
 
 /// Parses and flattens every record of a chunk, on two threads for large chunks: the database
 /// sits idle while this runs, so the second core is free.
-fn flatten_all(chunk: &[Staged]) -> Vec<Result<FlatRecord, String>> {
+fn flatten_all(chunk: &[Staged], declared: &SchemaTypes) -> Vec<Result<FlatRecord, String>> {
     const PARALLEL_ABOVE: usize = 512;
     let flatten = |part: &[Staged]| {
         part.iter()
-            .map(|s| flatten_record(&s.record))
+            .map(|s| {
+                let keys = s.stitch.as_ref().map(|m| m.key_names.as_str());
+                let mut flat = flatten_with_keys(&s.record, keys)?;
+                declared.apply(&mut flat);
+                Ok(flat)
+            })
             .collect::<Vec<_>>()
     };
     if chunk.len() <= PARALLEL_ABOVE {
@@ -447,6 +548,10 @@ fn write_table(
     columns.push((SEQ_COLUMN.to_owned(), ColType::BigInt));
     columns.push((RECEIVED_COLUMN.to_owned(), ColType::Timestamp));
     columns.push((LOADED_COLUMN.to_owned(), ColType::Timestamp));
+    if upsert {
+        columns.push((CLIENT_SEQ_COLUMN.to_owned(), ColType::BigInt));
+        columns.push((VERSION_COLUMN.to_owned(), ColType::BigInt));
+    }
     let data_width = rows.columns.len();
     let values: Vec<Vec<Val>> = rows
         .rows
@@ -458,6 +563,7 @@ fn write_table(
                  overflow,
                  seq,
                  received,
+                 stitch,
              }| {
                 let mut row = keys;
                 let first_data = row.len();
@@ -475,6 +581,11 @@ fn write_table(
                 row.push(Val::Int(seq));
                 row.push(received);
                 row.push(loaded_at.clone());
+                if upsert {
+                    let (client_seq, version) = stitch.unzip();
+                    row.push(client_seq.map_or(Val::Null, Val::Int));
+                    row.push(version.flatten().map_or(Val::Null, Val::Int));
+                }
                 row
             },
         )
@@ -501,14 +612,24 @@ fn write_table(
             }
         })
         .collect();
-    for system in [SEQ_COLUMN, RECEIVED_COLUMN, LOADED_COLUMN] {
+    for system in [
+        SEQ_COLUMN,
+        RECEIVED_COLUMN,
+        LOADED_COLUMN,
+        CLIENT_SEQ_COLUMN,
+        VERSION_COLUMN,
+    ] {
         sets.push(format!("{} = excluded.{}", quote(system), quote(system)));
     }
+    // The same order as `Staged::order`: client sequence (none counts as 0), then commit order.
     let tail = format!(
-        "ON CONFLICT ({}) DO UPDATE SET {} WHERE t.{seq} < excluded.{seq} RETURNING {seq} AS v",
+        "ON CONFLICT ({}) DO UPDATE SET {} \
+         WHERE (COALESCE(t.{cs}, 0), t.{seq}) < (COALESCE(excluded.{cs}, 0), excluded.{seq}) \
+         RETURNING {seq} AS v",
         keys.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", "),
         sets.join(", "),
         seq = quote(SEQ_COLUMN),
+        cs = quote(CLIENT_SEQ_COLUMN),
     );
     insert_rows(conn, &table_ref, &columns, values, &tail, true)
 }

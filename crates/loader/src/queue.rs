@@ -4,17 +4,41 @@
 use chrono::{DateTime, Utc};
 use diesel::QueryResult;
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Text};
+use diesel::sql_types::{BigInt, Nullable, Text};
 
 use crate::dialect::Dialect;
 use crate::sql::{Conn, Param};
 
 /// A record waiting in staging.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Staged {
     pub seq: i64,
     pub received_at: DateTime<Utc>,
     pub record: String,
+    /// What the Stitch protocol adds (all `None`/false for RJMetrics pushes).
+    pub stitch: Option<StitchMeta>,
+}
+
+/// A Stitch record's client sequence, key names, table version, or an activate_version marker.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StitchMeta {
+    pub client_seq: i64,
+    /// JSON array of the key field names.
+    pub key_names: String,
+    pub table_version: Option<i64>,
+    pub activate: bool,
+}
+
+impl Staged {
+    /// The order in which versions of a key supersede each other: the client's sequence
+    /// first (RJMetrics records count as 0), then the server's commit order.
+    pub fn order(&self) -> (i64, i64) {
+        (self.stitch.as_ref().map_or(0, |m| m.client_seq), self.seq)
+    }
+
+    pub fn is_activation(&self) -> bool {
+        self.stitch.as_ref().is_some_and(|m| m.activate)
+    }
 }
 
 #[derive(QueryableByName)]
@@ -33,6 +57,14 @@ struct StagedRow {
     received_at: String,
     #[diesel(sql_type = Text)]
     record: String,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    client_seq: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    key_names: Option<String>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    table_version: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    action: Option<String>,
 }
 
 /// Every (client, table) with records waiting.
@@ -74,7 +106,8 @@ fn read_chunk_where(
     };
     let rows: Vec<StagedRow> = conn.load(
         &format!(
-            "SELECT seq, {received} AS received_at, record FROM staged_records \
+            "SELECT seq, {received} AS received_at, record, client_seq, key_names, table_version, action \
+             FROM staged_records \
              WHERE client_id = {} AND table_name = {} AND seq >= {} AND seq <= {} ORDER BY seq LIMIT {}",
             d.placeholder(1),
             d.placeholder(2),
@@ -97,6 +130,12 @@ fn read_chunk_where(
             received_at: intake_core::timestamps::parse_sqlite_text(&r.received_at)
                 .unwrap_or_default(),
             record: r.record,
+            stitch: r.client_seq.map(|client_seq| StitchMeta {
+                client_seq,
+                key_names: r.key_names.unwrap_or_default(),
+                table_version: r.table_version,
+                activate: r.action.as_deref() == Some(intake_core::staging::ACTIVATE_VERSION),
+            }),
         })
         .collect())
 }

@@ -11,7 +11,7 @@ use crate::db_gate::DbGate;
 use crate::errors::ApiError;
 use crate::group_commit::GroupCommitter;
 use crate::rate_limit::RateLimiter;
-use crate::{health, ingest};
+use crate::{health, ingest, stitch};
 
 /// What every handler can reach.
 pub struct AppState {
@@ -58,6 +58,33 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(health::ready))
             .default_service(wrong_method("GET")),
     );
+    cfg.service(
+        web::resource("/openapi.json")
+            .route(web::get().to(health::openapi))
+            .default_service(wrong_method("GET")),
+    );
+    // The Stitch Import API v2.
+    cfg.service(
+        web::resource("/v2/import/status")
+            .route(web::get().to(stitch::status))
+            .default_service(stitch_wrong_method("GET")),
+    );
+    for (path, handler) in [
+        ("/v2/import/push", StitchHandler::Push),
+        ("/v2/import/batch", StitchHandler::Batch),
+        ("/v2/import/validate", StitchHandler::Validate),
+    ] {
+        let route = match handler {
+            StitchHandler::Push => web::post().to(stitch::push),
+            StitchHandler::Batch => web::post().to(stitch::batch),
+            StitchHandler::Validate => web::post().to(stitch::validate),
+        };
+        cfg.service(
+            web::resource(path)
+                .route(route)
+                .default_service(stitch_wrong_method("POST")),
+        );
+    }
     for (prefix, sandbox) in [("/v2", false), ("/sandbox/v2", true)] {
         cfg.service(
             web::resource(format!("{prefix}/client/{{cid}}/authenticate"))
@@ -71,6 +98,21 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .default_service(wrong_method("POST")),
         );
     }
+}
+
+enum StitchHandler {
+    Push,
+    Batch,
+    Validate,
+}
+
+/// 405 in Stitch's error shape.
+fn stitch_wrong_method(allow: &'static str) -> actix_web::Route {
+    web::to(move || async move {
+        Err::<HttpResponse, _>(stitch::StitchError::from(ApiError::method_not_allowed(
+            allow,
+        )))
+    })
 }
 
 pub async fn not_found() -> Result<HttpResponse, ApiError> {

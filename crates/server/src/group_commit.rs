@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use intake_core::db::{DbConn, DbPool};
-use intake_core::staging::{self, SeqRange, StagedBatch};
+use intake_core::staging::{self, RecordMeta, SeqRange, StagedBatch, StitchParts};
 use tokio::sync::{mpsc, oneshot};
 
 /// Most records written by one group transaction.
@@ -20,17 +20,33 @@ const MAX_GROUP_RECORDS: usize = 20_000;
 /// the rollback (and the 503) come before the client stops waiting.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
 
-/// One request's records: the body they came in, and each record's byte range in it (so no
-/// record is copied on the way to the database).
+/// One request's records: the body they came in, and per table each record's byte range in
+/// it (so no record is copied on the way to the database). All of a job's tables commit in
+/// the same transaction.
 pub struct Job {
     pub client_id: i64,
-    pub table: String,
     pub received_at: DateTime<Utc>,
     pub body: String,
-    pub records: Vec<(usize, usize)>,
+    pub parts: Vec<JobPart>,
     /// When the request stops waiting; a writer skips a job whose deadline has passed.
     deadline: Instant,
-    reply: oneshot::Sender<Result<SeqRange, String>>,
+    reply: oneshot::Sender<Result<Vec<SeqRange>, String>>,
+}
+
+/// One table's records of a job.
+pub struct JobPart {
+    pub table: String,
+    pub records: Vec<(usize, usize)>,
+    /// Stitch metadata, one per record; `None` for RJMetrics pushes.
+    pub meta: Option<Vec<RecordMeta>>,
+    /// The Stitch batch's JSON Schema.
+    pub schema: Option<String>,
+}
+
+impl Job {
+    fn record_count(&self) -> usize {
+        self.parts.iter().map(|p| p.records.len()).sum()
+    }
 }
 
 /// Why a job was not committed.
@@ -66,7 +82,8 @@ impl GroupCommitter {
         Ok(GroupCommitter { queue, wait })
     }
 
-    /// Commits one request's records; returns their sequence numbers once durable.
+    /// Commits one request's records for one table; returns their sequence numbers once
+    /// durable.
     pub async fn commit(
         &self,
         client_id: i64,
@@ -75,14 +92,36 @@ impl GroupCommitter {
         body: String,
         records: Vec<(usize, usize)>,
     ) -> Result<SeqRange, CommitError> {
+        let part = JobPart {
+            table,
+            records,
+            meta: None,
+            schema: None,
+        };
+        let mut ranges = self
+            .commit_parts(client_id, received_at, body, vec![part])
+            .await?;
+        ranges
+            .pop()
+            .ok_or_else(|| CommitError::Failed("no sequence range came back".into()))
+    }
+
+    /// Commits one request's records for one or more tables in one transaction; returns each
+    /// part's sequence numbers once durable.
+    pub async fn commit_parts(
+        &self,
+        client_id: i64,
+        received_at: DateTime<Utc>,
+        body: String,
+        parts: Vec<JobPart>,
+    ) -> Result<Vec<SeqRange>, CommitError> {
         let (reply, answer) = oneshot::channel();
         let deadline = Instant::now() + self.wait;
         let job = Job {
             client_id,
-            table,
             received_at,
             body,
-            records,
+            parts,
             deadline,
             reply,
         };
@@ -110,12 +149,12 @@ fn writer_loop(pool: &DbPool, receiver: &Mutex<mpsc::Receiver<Job>>) {
             let Some(first) = receiver.blocking_recv() else {
                 return;
             };
-            let mut total = first.records.len();
+            let mut total = first.record_count();
             let mut group = vec![first];
             while total < MAX_GROUP_RECORDS {
                 match receiver.try_recv() {
                     Ok(job) => {
-                        total += job.records.len();
+                        total += job.record_count();
                         group.push(job);
                     }
                     Err(_) => break,
@@ -160,9 +199,10 @@ fn writer_loop(pool: &DbPool, receiver: &Mutex<mpsc::Receiver<Job>>) {
             continue;
         }
         match write_group(&mut conn, &group, budget) {
-            Ok(ranges) => {
-                for (job, range) in group.into_iter().zip(ranges) {
-                    let _ = job.reply.send(Ok(range));
+            Ok(mut ranges) => {
+                for job in group.into_iter().rev() {
+                    let mine = ranges.split_off(ranges.len().saturating_sub(job.parts.len()));
+                    let _ = job.reply.send(Ok(mine));
                 }
             }
             Err(e) => {
@@ -202,23 +242,31 @@ fn write_group(
     group: &[Job],
     budget: Duration,
 ) -> Result<Vec<SeqRange>, String> {
-    let records: Vec<Vec<&str>> = group
+    let parts: Vec<(&Job, &JobPart)> = group
         .iter()
-        .map(|job| {
-            job.records
+        .flat_map(|job| job.parts.iter().map(move |part| (job, part)))
+        .collect();
+    let records: Vec<Vec<&str>> = parts
+        .iter()
+        .map(|(job, part)| {
+            part.records
                 .iter()
                 .map(|&(start, end)| &job.body[start..end])
                 .collect()
         })
         .collect();
-    let batches: Vec<StagedBatch<'_>> = group
+    let batches: Vec<StagedBatch<'_>> = parts
         .iter()
         .zip(&records)
-        .map(|(job, records)| StagedBatch {
+        .map(|((job, part), records)| StagedBatch {
             client_id: job.client_id,
-            table: &job.table,
+            table: &part.table,
             received_at: job.received_at,
             records,
+            stitch: part.meta.as_deref().map(|meta| StitchParts {
+                meta,
+                schema: part.schema.as_deref(),
+            }),
         })
         .collect();
     staging::append_all(conn, &batches, Some(budget)).map_err(|e| e.to_string())

@@ -1,5 +1,5 @@
 //! Status endpoints: `/` (what RJMetrics clients poll), `/health` (process alive) and
-//! `/ready` (database reachable).
+//! `/ready` (database reachable), and `/openapi.json` (the API's description).
 
 use actix_web::{HttpResponse, web};
 use serde_json::json;
@@ -9,6 +9,16 @@ use crate::errors::ApiError;
 
 pub async fn status() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+/// The OpenAPI 3 description of both protocols; docs/openapi.json is its one source.
+const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+/// `GET /openapi.json`.
+pub async fn openapi() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(OPENAPI)
 }
 
 pub async fn alive() -> HttpResponse {

@@ -44,7 +44,7 @@ pub async fn push(
     let client_id = authorize(&req, &cid, &state).await?;
     check_content_type(&req)?;
     let table = normalize_table_name(&table).map_err(|why| ApiError::bad_request(why, vec![]))?;
-    let body = read_body(&req, payload, &state).await?;
+    let body = read_body(&req, payload, &state, state.settings.server.max_body_bytes).await?;
     let records =
         parse_push_body(&body, state.body_limits()).map_err(|rejection| match rejection {
             BodyRejection::TooManyRecords { count, max } => ApiError::too_large(format!(
@@ -93,6 +93,17 @@ pub async fn push(
 /// The client id a request may act for: its key must be valid (401), within its rate limit
 /// (429) and be that client's (403).
 async fn authorize(req: &HttpRequest, cid: &str, state: &AppState) -> Result<i64, ApiError> {
+    let key_client = verified_client(req, state).await?;
+    // Only the canonical spelling names a client: not "+42", not "0042".
+    match cid.parse::<i64>() {
+        Ok(id) if id == key_client && id.to_string() == cid => Ok(id),
+        _ => Err(ApiError::forbidden()),
+    }
+}
+
+/// The client of the request's key, once the key is found valid (401) and within its rate
+/// limit (429).
+pub(crate) async fn verified_client(req: &HttpRequest, state: &AppState) -> Result<i64, ApiError> {
     let key = presented_key(req).ok_or_else(ApiError::unauthorized)?;
     let key_client = state
         .keys
@@ -110,11 +121,7 @@ async fn authorize(req: &HttpRequest, cid: &str, state: &AppState) -> Result<i64
             ),
         })?;
     check_rate_limit(&key, state)?;
-    // Only the canonical spelling names a client: not "+42", not "0042".
-    match cid.parse::<i64>() {
-        Ok(id) if id == key_client && id.to_string() == cid => Ok(id),
-        _ => Err(ApiError::forbidden()),
-    }
+    Ok(key_client)
 }
 
 /// Takes one request from the verified key's allowance (`[rate_limit]`), or answers 429.
@@ -136,7 +143,7 @@ fn check_rate_limit(verified_key: &str, state: &AppState) -> Result<(), ApiError
 }
 
 /// JSON only, uncompressed; a missing Content-Type is accepted (older clients omit it).
-fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
+pub(crate) fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
     if let Some(encoding) = req.headers().get(CONTENT_ENCODING)
         && !encoding
             .to_str()
@@ -172,13 +179,13 @@ fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
     }
 }
 
-/// Reads the body up to the size limit (413 beyond) within the body timeout (408 beyond).
-async fn read_body(
+/// Reads the body up to `limit` bytes (413 beyond) within the body timeout (408 beyond).
+pub(crate) async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     state: &AppState,
+    limit: usize,
 ) -> Result<Vec<u8>, ApiError> {
-    let limit = state.settings.server.max_body_bytes;
     let too_large =
         || ApiError::too_large(format!("request body exceeds the limit of {limit} bytes"));
     let declared = req

@@ -9,6 +9,8 @@ pub mod group_commit;
 pub mod health;
 pub mod ingest;
 pub mod rate_limit;
+pub mod stitch;
+pub mod stitch_body;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
