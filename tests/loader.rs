@@ -45,7 +45,15 @@ both_backends!(
 const CLIENT: i64 = 42;
 
 /// The system columns every warehouse table has.
-const SYSTEM_COLUMNS: [&str; 3] = ["_intake_seq", "_intake_received_at", "_intake_loaded_at"];
+/// (Root tables also have `_intake_client_seq` and `_intake_table_version`, NULL for RJMetrics
+/// records.)
+const SYSTEM_COLUMNS: [&str; 5] = [
+    "_intake_seq",
+    "_intake_received_at",
+    "_intake_loaded_at",
+    "_intake_client_seq",
+    "_intake_table_version",
+];
 
 /// A server with the embedded loader off, and an API key for [`CLIENT`].
 fn start(db: &TestDb) -> (Server, String) {
@@ -263,6 +271,8 @@ fn a_nested_record_becomes_typed_columns(backend: Backend) {
         ("_intake_seq", "bigint"),
         ("_intake_received_at", "timestamptz"),
         ("_intake_loaded_at", "timestamptz"),
+        ("_intake_client_seq", "bigint"),
+        ("_intake_table_version", "bigint"),
     ]
     .into_iter()
     .map(|(c, t)| (c.to_owned(), ty(t)))
@@ -299,6 +309,9 @@ fn a_nested_record_becomes_typed_columns(backend: Backend) {
         "_intake_seq": received[0].0,
         "_intake_received_at": received[0].1,
         "_intake_loaded_at": loaded_at,
+        // Only Stitch records have a client sequence and a table version.
+        "_intake_client_seq": null,
+        "_intake_table_version": null,
     });
     assert_eq!(first, &expected_first);
     // The second record lacks most fields: they are NULL.
@@ -1149,6 +1162,8 @@ fn a_value_of_another_type_goes_to_a_typed_sibling_column(backend: Backend) {
         ("_intake_seq", "bigint"),
         ("_intake_received_at", "timestamptz"),
         ("_intake_loaded_at", "timestamptz"),
+        ("_intake_client_seq", "bigint"),
+        ("_intake_table_version", "bigint"),
     ]
     .into_iter()
     .map(|(c, t)| (c.to_owned(), ty(t)))
