@@ -201,12 +201,11 @@ fn load_records(
     }
     let t_flatten = started.elapsed();
 
-    // Newest record per key wins within the chunk: the highest client sequence (Stitch), then
-    // the latest commit.
+    // Newest record per key wins within the chunk (see `Staged::supersedes`).
     let mut newest: FxHashMap<String, usize> = FxHashMap::default();
     for (i, a) in accepted.iter().enumerate() {
         let best = newest.entry(format!("{:?}", a.key_values)).or_insert(i);
-        if accepted[*best].staged.order() < a.staged.order() {
+        if a.staged.supersedes(accepted[*best].staged) {
             *best = i;
         }
     }
@@ -621,10 +620,12 @@ fn write_table(
     ] {
         sets.push(format!("{} = excluded.{}", quote(system), quote(system)));
     }
-    // The same order as `Staged::order`: client sequence (none counts as 0), then commit order.
+    // The rule of `Staged::supersedes`: a higher client sequence (none counts as 0), or for two
+    // RJMetrics records the later commit.
     let tail = format!(
         "ON CONFLICT ({}) DO UPDATE SET {} \
-         WHERE (COALESCE(t.{cs}, 0), t.{seq}) < (COALESCE(excluded.{cs}, 0), excluded.{seq}) \
+         WHERE COALESCE(t.{cs}, 0) < COALESCE(excluded.{cs}, 0) \
+            OR (t.{cs} IS NULL AND excluded.{cs} IS NULL AND t.{seq} < excluded.{seq}) \
          RETURNING {seq} AS v",
         keys.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", "),
         sets.join(", "),

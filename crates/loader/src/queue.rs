@@ -30,10 +30,17 @@ pub struct StitchMeta {
 }
 
 impl Staged {
-    /// The order in which versions of a key supersede each other: the client's sequence
-    /// first (RJMetrics records count as 0), then the server's commit order.
-    pub fn order(&self) -> (i64, i64) {
-        (self.stitch.as_ref().map_or(0, |m| m.client_seq), self.seq)
+    /// Whether this record replaces `stored`, a version of the same key. A Stitch record does
+    /// only with a higher client sequence (an equal one leaves the stored record: a retried
+    /// request changes nothing); RJMetrics records count as sequence 0 and, among themselves,
+    /// the later commit wins. The upsert guard in `load_chunk` is the same rule in SQL.
+    pub fn supersedes(&self, stored: &Staged) -> bool {
+        match (&self.stitch, &stored.stitch) {
+            (None, None) => self.seq > stored.seq,
+            (new, old) => {
+                new.as_ref().map_or(0, |m| m.client_seq) > old.as_ref().map_or(0, |m| m.client_seq)
+            }
+        }
     }
 
     pub fn is_activation(&self) -> bool {
@@ -183,4 +190,36 @@ pub fn read_range(
     )?;
     rows.retain(|s| s.seq >= first && s.seq <= last);
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staged(seq: i64, client_seq: Option<i64>) -> Staged {
+        Staged {
+            seq,
+            stitch: client_seq.map(|client_seq| StitchMeta {
+                client_seq,
+                ..StitchMeta::default()
+            }),
+            ..Staged::default()
+        }
+    }
+
+    #[test]
+    fn only_a_higher_client_sequence_supersedes() {
+        assert!(staged(2, Some(5)).supersedes(&staged(1, Some(4))));
+        assert!(
+            !staged(2, Some(4)).supersedes(&staged(1, Some(4))),
+            "equal is not higher"
+        );
+        assert!(!staged(2, Some(3)).supersedes(&staged(1, Some(4))));
+        // RJMetrics records: the later commit; against Stitch ones they count as 0.
+        assert!(staged(2, None).supersedes(&staged(1, None)));
+        assert!(!staged(1, None).supersedes(&staged(2, None)));
+        assert!(!staged(9, None).supersedes(&staged(1, Some(1))));
+        assert!(staged(1, Some(1)).supersedes(&staged(9, None)));
+        assert!(!staged(1, Some(0)).supersedes(&staged(9, None)));
+    }
 }
