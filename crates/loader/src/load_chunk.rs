@@ -314,6 +314,7 @@ fn load_records(
             }
         }
     }
+    let t_deletes = started.elapsed();
     for (table_key, mut rows) in per_table {
         let Some(info) = catalog.tables.get(&table_key) else {
             continue;
@@ -339,13 +340,15 @@ fn load_records(
         )?;
     }
     log::debug!(
-        "chunk of {}: flatten {:?}, place {:?}, ddl {:?}, root {:?}, children {:?}, finish {:?}",
+        "chunk of {}: flatten {:?}, place {:?}, ddl {:?}, root {:?}, child deletes {:?}, \
+         child inserts {:?}, finish {:?}",
         chunk.len(),
         t_flatten,
         t_place - t_flatten,
         t_ddl - t_place,
         t_root - t_ddl,
-        t_children - t_root,
+        t_deletes - t_root,
+        t_children - t_deletes,
         started.elapsed() - t_children
     );
     Ok(ChunkOutcome {
