@@ -30,14 +30,12 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::ErrorKind;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use diesel::QueryableByName;
 use diesel::sql_types::BigInt;
 use serde_json::{Value, json};
+use support::python::{PythonEnv, PythonTool, run_to_end};
 use support::{
     Backend, DbConnection, Server, TestDb, both_backends, issue_key, load, primary_key,
     warehouse_columns, warehouse_count, warehouse_rows, warehouse_tables,
@@ -47,8 +45,11 @@ both_backends!(a_singer_stream_sent_by_target_stitch_lands_typed_in_the_warehous
 
 const CLIENT: i64 = 77;
 
-/// The pinned Python packages; the virtual environment is rebuilt when this text changes.
-const REQUIREMENTS: &str = include_str!("python/requirements-target-stitch.txt");
+/// target-stitch and its pinned dependencies; the environment is rebuilt when they change.
+const TARGET_STITCH: PythonTool = PythonTool {
+    package: "target-stitch",
+    requirements: include_str!("python/requirements-target-stitch.txt"),
+};
 
 /// The Singer stream fed to target-stitch on stdin.
 const SINGER_STREAM: &str = include_str!("fixtures/target-stitch.singer.jsonl");
@@ -59,21 +60,11 @@ const SYSTEM_COLUMNS: [&str; 3] = ["_intake_seq", "_intake_received_at", "_intak
 /// The system columns root tables also have once Stitch batches can write them.
 const ROOT_SYSTEM_COLUMNS: [&str; 2] = ["_intake_client_seq", "_intake_table_version"];
 
-/// A file in the virtual environment holding the requirements it was built from; a virtual
-/// environment whose copy differs from [`REQUIREMENTS`] is stale.
-const BUILT_FROM: &str = "intake-requirements.txt";
-
-/// Building the virtual environment downloads and installs about 25 packages.
-const VENV_BUILD_TIMEOUT: Duration = Duration::from_secs(20 * 60);
-
 /// target-stitch sends this stream in well under a second; anything near this is a hang.
 const TARGET_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Leftover build and stale directories older than this belong to runs that are long over.
-const LEFTOVER_AFTER: Duration = Duration::from_secs(3600);
-
 fn a_singer_stream_sent_by_target_stitch_lands_typed_in_the_warehouse(backend: Backend) {
-    let Some(venv) = target_stitch_venv() else {
+    let Some(venv) = TARGET_STITCH.environment("the target-stitch test") else {
         return;
     };
     let started = Instant::now();
@@ -442,7 +433,7 @@ fn assert_states(emitted: &[Value]) {
 
 /// Sends the fixture through target-stitch to `server`; it must exit 0. Returns the states it
 /// printed on stdout, one JSON document a line.
-fn run_target_stitch(venv: &Path, db: &TestDb, server: &Server, api_key: &str) -> Vec<Value> {
+fn run_target_stitch(venv: &PythonEnv, db: &TestDb, server: &Server, api_key: &str) -> Vec<Value> {
     let dir = db.dir();
     let batch_url = server.url("/v2/import/batch");
     let config = json!({
@@ -458,10 +449,8 @@ fn run_target_stitch(venv: &Path, db: &TestDb, server: &Server, api_key: &str) -
     let stream_path = dir.join("singer-stream.jsonl");
     fs::write(&stream_path, SINGER_STREAM).expect("writing the Singer stream");
 
-    // The script is run by the environment's interpreter rather than through its `#!` line,
-    // which names the temporary directory the environment was built in.
-    let mut cmd = python_command(&venv.join("bin").join("python"));
-    cmd.arg(venv.join("bin").join("target-stitch"))
+    let mut cmd = venv.python();
+    cmd.arg(venv.script("target-stitch"))
         .arg("--config")
         .arg(&config_path)
         .args(["--max-batch-records", "3", "--batch-delay-seconds", "600"])
@@ -489,252 +478,4 @@ fn run_target_stitch(venv: &Path, db: &TestDb, server: &Server, api_key: &str) -
             })
         })
         .collect()
-}
-
-/// How a child process ended, and what it printed.
-struct Run {
-    /// `None` if it was killed for taking longer than allowed.
-    status: Option<ExitStatus>,
-    timeout: Duration,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn outcome(&self) -> String {
-        match self.status {
-            Some(status) => format!("failed ({status})"),
-            None => format!("did not finish within {:?} and was killed", self.timeout),
-        }
-    }
-}
-
-/// Runs `cmd` with its output in files under `dir` (so that it can never block on a full pipe)
-/// until it exits, or kills it after `timeout`.
-fn run_to_end(mut cmd: Command, dir: &Path, name: &str, timeout: Duration) -> Run {
-    let stdout_path = dir.join(format!("{name}.stdout"));
-    let stderr_path = dir.join(format!("{name}.stderr"));
-    let create =
-        |p: &Path| File::create(p).unwrap_or_else(|e| panic!("creating {}: {e}", p.display()));
-    cmd.stdout(create(&stdout_path))
-        .stderr(create(&stderr_path));
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {name} ({cmd:?}): {e}"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() > deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("waiting for {name}: {e}"),
-        }
-    };
-    let read = |p: &Path| String::from_utf8_lossy(&fs::read(p).unwrap_or_default()).into_owned();
-    Run {
-        status,
-        timeout,
-        stdout: read(&stdout_path),
-        stderr: read(&stderr_path),
-    }
-}
-
-/// A Python command without the caller's settings that would point it at other packages.
-fn python_command(program: &Path) -> Command {
-    let mut cmd = Command::new(program);
-    for name in [
-        "PYTHONHOME",
-        "PYTHONPATH",
-        "PYTHONUSERBASE",
-        "PIP_USER",
-        "PIP_TARGET",
-        "PIP_PREFIX",
-    ] {
-        cmd.env_remove(name);
-    }
-    cmd.stdin(Stdio::null());
-    cmd
-}
-
-// ---------------------------------------------------------------------------------------------
-// The virtual environment.
-
-/// The virtual environment with the pinned target-stitch, built if need be; `None` (after
-/// saying so on stderr) only when there is no `python3` to build it with.
-///
-/// Test processes may run this at the same time (nextest runs each test in a process of its
-/// own). Each builds in a directory of its own beside the final one and renames it into place;
-/// a process that finds another's environment already there discards its own.
-fn target_stitch_venv() -> Option<PathBuf> {
-    match python_command(Path::new("python3"))
-        .arg("--version")
-        .output()
-    {
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            eprintln!("SKIPPED: python3 not found — the target-stitch test did not run");
-            return None;
-        }
-        Err(e) => panic!("running python3 --version: {e}"),
-        Ok(out) => assert!(
-            out.status.success(),
-            "python3 --version failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
-
-    let root = target_dir().join("python");
-    fs::create_dir_all(&root).unwrap_or_else(|e| panic!("creating {}: {e}", root.display()));
-    let name = format!("target-stitch-{}", pinned_version());
-    let venv = root.join(&name);
-    if is_complete(&venv) {
-        return Some(venv);
-    }
-    remove_leftovers(&root, &name);
-
-    let unique = format!("{}-{}", std::process::id(), unix_nanos());
-    let building = root.join(format!(".{name}.building-{unique}"));
-    eprintln!(
-        "building the target-stitch virtual environment in {}",
-        building.display()
-    );
-    let built = Instant::now();
-    build_venv(&building);
-    eprintln!("built it in {:.1?}", built.elapsed());
-
-    for _ in 0..5 {
-        match fs::rename(&building, &venv) {
-            Ok(()) => return Some(venv),
-            // Another process won: use its environment.
-            Err(_) if is_complete(&venv) => {
-                let _ = fs::remove_dir_all(&building);
-                return Some(venv);
-            }
-            // One built from other requirements: move it aside (it is swept later, as a
-            // process may still be running from it) and try again.
-            Err(_) if venv.exists() => {
-                let stale = root.join(format!(".{name}.stale-{unique}"));
-                let _ = fs::rename(&venv, &stale);
-            }
-            Err(e) => {
-                let _ = fs::remove_dir_all(&building);
-                panic!(
-                    "moving the virtual environment {} to {}: {e}",
-                    building.display(),
-                    venv.display()
-                );
-            }
-        }
-    }
-    let _ = fs::remove_dir_all(&building);
-    panic!(
-        "could not put a virtual environment in place at {}",
-        venv.display()
-    );
-}
-
-/// `CARGO_TARGET_DIR` if set (relative to the repository root), else `target` in the root.
-fn target_dir() -> PathBuf {
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    match std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
-        Some(dir) => manifest.join(dir),
-        None => manifest.join("target"),
-    }
-}
-
-/// The version of target-stitch the requirements pin.
-fn pinned_version() -> &'static str {
-    REQUIREMENTS
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("target-stitch=="))
-        .map(str::trim)
-        .expect("the requirements pin target-stitch==<version>")
-}
-
-/// A finished environment built from the current requirements.
-fn is_complete(venv: &Path) -> bool {
-    venv.join("bin").join("python").exists()
-        && venv.join("bin").join("target-stitch").exists()
-        && fs::read_to_string(venv.join(BUILT_FROM)).is_ok_and(|built| built == REQUIREMENTS)
-}
-
-/// `python3 -m venv DIR`, then the pinned packages into it; on failure, removes `dir` and
-/// fails the test with the output.
-fn build_venv(dir: &Path) {
-    let fail = |what: &str, run: &Run| -> ! {
-        let _ = fs::remove_dir_all(dir);
-        panic!(
-            "{what} {}\nstdout:\n{}\nstderr:\n{}",
-            run.outcome(),
-            run.stdout,
-            run.stderr
-        );
-    };
-    let logs = tempfile::tempdir().expect("creating a temporary directory");
-
-    let mut venv = python_command(Path::new("python3"));
-    venv.args(["-m", "venv"]).arg(dir);
-    let run = run_to_end(venv, logs.path(), "venv", VENV_BUILD_TIMEOUT);
-    if !run.status.is_some_and(|s| s.success()) {
-        fail(&format!("python3 -m venv {}", dir.display()), &run);
-    }
-
-    let requirements = dir.join(BUILT_FROM);
-    if let Err(e) = fs::write(&requirements, REQUIREMENTS) {
-        let _ = fs::remove_dir_all(dir);
-        panic!("writing {}: {e}", requirements.display());
-    }
-    let mut pip = python_command(&dir.join("bin").join("python"));
-    pip.args([
-        "-m",
-        "pip",
-        "install",
-        "--no-input",
-        "--disable-pip-version-check",
-        "--requirement",
-    ])
-    .arg(&requirements);
-    let run = run_to_end(pip, logs.path(), "pip", VENV_BUILD_TIMEOUT);
-    if !run.status.is_some_and(|s| s.success()) {
-        fail(
-            "pip install of tests/python/requirements-target-stitch.txt",
-            &run,
-        );
-    }
-    if !is_complete(dir) {
-        let _ = fs::remove_dir_all(dir);
-        panic!(
-            "pip installed the requirements but {} has no bin/target-stitch",
-            dir.display()
-        );
-    }
-}
-
-/// Removes build and stale directories of `name` left by runs that ended over an hour ago.
-fn remove_leftovers(root: &Path, name: &str) {
-    let Ok(entries) = fs::read_dir(root) else {
-        return;
-    };
-    let prefix = format!(".{name}.");
-    for entry in entries.flatten() {
-        let old = entry
-            .metadata()
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age > LEFTOVER_AFTER);
-        if old && entry.file_name().to_string_lossy().starts_with(&prefix) {
-            let _ = fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-fn unix_nanos() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
 }

@@ -25,6 +25,7 @@ use tempfile::TempDir;
 pub mod cluster;
 /// Fault injection: killing and restarting processes, direct warehouse reads, raw TCP.
 pub mod faults;
+pub mod python;
 
 /// PostgreSQL server the tests create their databases on (trust auth), unless
 /// `INTAKE_TEST_PG_URL` names another; the database part of the URL is the one connected to

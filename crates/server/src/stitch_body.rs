@@ -109,8 +109,9 @@ pub fn parse_push(body: &str, client_id: i64, limits: Limits) -> Result<Parts, R
     check_count(messages.len(), limits)?;
     // The key decides the client: a record for another client refuses the whole request.
     for message in &messages {
+        // (A client_id that is no integer is a 422 of that record, below.)
         if let Some(Value::Number(n)) = &message.client_id
-            && n.as_i64() != Some(client_id)
+            && n.as_i64().is_some_and(|id| id != client_id)
         {
             return Err(Refusal::Forbidden(format!(
                 "a record names client_id {n}, but this API key belongs to client {client_id}"
@@ -131,7 +132,7 @@ pub fn parse_push(body: &str, client_id: i64, limits: Limits) -> Result<Parts, R
 
 fn check_push_message<'a>(m: &PushMessage<'a>) -> Result<(String, RecordMeta, &'a str), String> {
     match &m.client_id {
-        Some(Value::Number(_)) => {}
+        Some(Value::Number(n)) if n.as_i64().is_some() => {}
         None => return Err("client_id is missing".into()),
         Some(_) => return Err("client_id must be an integer".into()),
     }
@@ -429,8 +430,13 @@ impl Problems {
         }
         let bad = self.records.len();
         let first = self.listed[0].clone();
+        let counted = match (bad, total) {
+            (1, 1) => "the record is invalid".to_owned(),
+            (1, _) => format!("1 of {total} records is invalid"),
+            _ => format!("{bad} of {total} records are invalid"),
+        };
         let mut message = format!(
-            "{bad} of {total} records are invalid; nothing was stored. Record {}: {}",
+            "{counted}; nothing was stored. Record {}: {}",
             first.index.unwrap_or(0),
             first.message
         );
