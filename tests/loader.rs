@@ -11,9 +11,10 @@ use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Double, Nullable, Text};
 use serde_json::{Value, json};
 use support::{
-    Backend, DbConnection, LoaderProcess, Server, TestDb, both_backends, issue_key, load,
-    loader_status, poll, primary_key, run_loader, sql_literal, staged_rows, staged_times,
-    table_ref, warehouse_columns, warehouse_count, warehouse_rows, warehouse_tables,
+    Backend, DbConnection, LoaderProcess, Server, TestDb, both_backends, column_types,
+    declared_type, issue_key, load, loader_status, poll, primary_key, run_loader, sql_literal,
+    staged_rows, staged_times, table_ref, warehouse_columns, warehouse_count, warehouse_rows,
+    warehouse_tables,
 };
 
 both_backends!(
@@ -78,35 +79,9 @@ fn push_each(server: &Server, key: &str, table: &str, records: &[Value]) {
     }
 }
 
-/// The declared type docs/warehouse.md gives for a warehouse type on each backend, as
-/// [`warehouse_columns`] reports it.
-fn declared(backend: Backend, warehouse_type: &str) -> &'static str {
-    match (backend, warehouse_type) {
-        (Backend::Postgres, "bigint") => "bigint",
-        (Backend::Postgres, "double") => "double precision",
-        (Backend::Postgres, "boolean") => "boolean",
-        (Backend::Postgres, "text") => "text",
-        (Backend::Postgres, "timestamptz") => "timestamp with time zone",
-        (Backend::Sqlite, "bigint") => "INTEGER",
-        (Backend::Sqlite, "double") => "REAL",
-        (Backend::Sqlite, "boolean") => "BOOLEAN",
-        (Backend::Sqlite, "text") => "TEXT",
-        (Backend::Sqlite, "timestamptz") => "TIMESTAMPTZ",
-        (_, other) => panic!("no warehouse type {other}"),
-    }
-}
-
-/// Column name → declared type of a client's table.
-fn column_types(db: &TestDb, table: &str) -> BTreeMap<String, String> {
-    warehouse_columns(db, CLIENT, table)
-        .into_iter()
-        .map(|c| (c.name, c.sql_type))
-        .collect()
-}
-
 /// The columns of a table that hold pushed data (not the system columns).
 fn data_columns(db: &TestDb, table: &str) -> BTreeSet<String> {
-    column_types(db, table)
+    column_types(db, CLIENT, table)
         .into_keys()
         .filter(|c| !SYSTEM_COLUMNS.contains(&c.as_str()))
         .collect()
@@ -252,7 +227,7 @@ fn a_nested_record_becomes_typed_columns(backend: Backend) {
     load(&db);
     assert_staging_empty(&db);
 
-    let ty = |t| declared(backend, t).to_owned();
+    let ty = |t| declared_type(backend, t).to_owned();
     let expected: BTreeMap<String, String> = [
         ("id", "bigint"),
         ("count", "bigint"),
@@ -278,7 +253,7 @@ fn a_nested_record_becomes_typed_columns(backend: Backend) {
     .map(|(c, t)| (c.to_owned(), ty(t)))
     .collect();
     // No column for `keys`, for the empty object, or for fields that were only ever null.
-    assert_eq!(column_types(&db, "orders"), expected);
+    assert_eq!(column_types(&db, CLIENT, "orders"), expected);
     assert_eq!(primary_key(&db, CLIENT, "orders"), ["id"]);
     assert_eq!(
         warehouse_tables(&db, CLIENT),
@@ -335,7 +310,7 @@ fn a_nested_record_becomes_typed_columns(backend: Backend) {
         );
     }
 
-    let days = column_types(&db, "days");
+    let days = column_types(&db, CLIENT, "days");
     assert_eq!(days["day"], ty("text"), "{days:?}");
     assert_eq!(days["visits"], ty("bigint"), "{days:?}");
     assert_eq!(primary_key(&db, CLIENT, "days"), ["day"]);
@@ -355,9 +330,9 @@ fn integers_beyond_64_bits_are_kept_exactly_as_text(backend: Backend) {
     load(&db);
     assert_staging_empty(&db);
 
-    let types = column_types(&db, "numbers");
+    let types = column_types(&db, CLIENT, "numbers");
     let row = &rows(&db, "numbers", "\"id\"")[0];
-    assert_eq!(types["small"], declared(backend, "bigint"));
+    assert_eq!(types["small"], declared_type(backend, "bigint"));
     assert_eq!(row["small"], i64::MAX);
     for (column, digits) in [
         ("unsigned", "18446744073709551615"),
@@ -366,7 +341,7 @@ fn integers_beyond_64_bits_are_kept_exactly_as_text(backend: Backend) {
     ] {
         assert_eq!(
             (types[column].as_str(), &row[column]),
-            (declared(backend, "text"), &json!(digits)),
+            (declared_type(backend, "text"), &json!(digits)),
             "{column}: an integer beyond 64 bits must be text with its exact digits"
         );
     }
@@ -444,8 +419,8 @@ fn arrays_become_child_tables(backend: Backend) {
         data_columns(&db, "orders")
     );
 
-    let ty = |t| declared(backend, t).to_owned();
-    let items = column_types(&db, "orders__items");
+    let ty = |t| declared_type(backend, t).to_owned();
+    let items = column_types(&db, CLIENT, "orders__items");
     assert_eq!(
         items,
         [
@@ -505,7 +480,7 @@ fn arrays_become_child_tables(backend: Backend) {
         ["_intake_root_id", "_intake_pos_0", "_intake_pos_1"]
     );
     assert_eq!(
-        column_types(&db, "orders__items__tags")["value"],
+        column_types(&db, CLIENT, "orders__items__tags")["value"],
         ty("text")
     );
     let tags = rows(
@@ -528,7 +503,7 @@ fn arrays_become_child_tables(backend: Backend) {
         ["_intake_root_id", "_intake_pos_0", "_intake_pos_1"]
     );
     assert_eq!(
-        column_types(&db, "orders__matrix__value")["value"],
+        column_types(&db, CLIENT, "orders__matrix__value")["value"],
         ty("bigint")
     );
     let matrix = rows(
@@ -1104,7 +1079,7 @@ fn an_older_record_never_overwrites_a_newer_one(backend: Backend) {
 fn a_value_of_another_type_goes_to_a_typed_sibling_column(backend: Backend) {
     let db = TestDb::new(backend);
     let (server, key) = start(&db);
-    let ty = |t| declared(backend, t).to_owned();
+    let ty = |t| declared_type(backend, t).to_owned();
 
     // In one load.
     push(
@@ -1118,7 +1093,7 @@ fn a_value_of_another_type_goes_to_a_typed_sibling_column(backend: Backend) {
         ],
     );
     load(&db);
-    let types = column_types(&db, "prices");
+    let types = column_types(&db, CLIENT, "prices");
     assert_eq!(
         (&types["price"], &types["price__fl"], &types["price__st"]),
         (&ty("bigint"), &ty("double"), &ty("text")),
@@ -1151,7 +1126,7 @@ fn a_value_of_another_type_goes_to_a_typed_sibling_column(backend: Backend) {
         push(&server, &key, "tariffs", std::slice::from_ref(record));
         load(&db);
     }
-    let types = column_types(&db, "tariffs");
+    let types = column_types(&db, CLIENT, "tariffs");
     let expected: BTreeMap<String, String> = [
         ("id", "bigint"),
         ("price", "bigint"),
@@ -1247,8 +1222,8 @@ fn lossless_conversions_stay_in_the_first_column(backend: Backend) {
         ],
     );
     load(&db);
-    let ty = |t| declared(backend, t).to_owned();
-    let types = column_types(&db, "measures");
+    let ty = |t| declared_type(backend, t).to_owned();
+    let types = column_types(&db, CLIENT, "measures");
     assert_eq!(types["amount"], ty("double"));
     assert_eq!(types["note"], ty("text"));
     assert_eq!(types["when"], ty("timestamptz"));

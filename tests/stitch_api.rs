@@ -12,15 +12,14 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use diesel::QueryableByName;
 use diesel::sql_types::BigInt;
 use serde_json::{Value, json};
 use support::{
-    Backend, DbConnection, Reply, Server, TestDb, both_backends, issue_key, load, secret_of,
-    staged_records, staged_rows, unknown_key, warehouse_columns, warehouse_rows,
+    Backend, DbConnection, Reply, Server, TestDb, both_backends, column_types, declared_type,
+    issue_key, load, secret_of, staged_records, staged_rows, unknown_key, warehouse_rows,
 };
 
 both_backends!(
@@ -181,32 +180,6 @@ fn stored_schemas(db: &TestDb) -> i64 {
     let rows: Vec<Count> =
         DbConnection::open(db).load("SELECT CAST(COUNT(*) AS BIGINT) AS n FROM table_schemas");
     rows.first().map_or(0, |r| r.n)
-}
-
-/// The declared type docs/warehouse.md gives for a warehouse type on each backend, as
-/// [`warehouse_columns`] reports it.
-fn declared(backend: Backend, warehouse_type: &str) -> &'static str {
-    match (backend, warehouse_type) {
-        (Backend::Postgres, "bigint") => "bigint",
-        (Backend::Postgres, "double") => "double precision",
-        (Backend::Postgres, "boolean") => "boolean",
-        (Backend::Postgres, "text") => "text",
-        (Backend::Postgres, "timestamptz") => "timestamp with time zone",
-        (Backend::Sqlite, "bigint") => "INTEGER",
-        (Backend::Sqlite, "double") => "REAL",
-        (Backend::Sqlite, "boolean") => "BOOLEAN",
-        (Backend::Sqlite, "text") => "TEXT",
-        (Backend::Sqlite, "timestamptz") => "TIMESTAMPTZ",
-        (_, other) => panic!("no warehouse type {other}"),
-    }
-}
-
-/// Column name → declared type of one of [`CLIENT`]'s tables.
-fn column_types(db: &TestDb, table: &str) -> BTreeMap<String, String> {
-    warehouse_columns(db, CLIENT, table)
-        .into_iter()
-        .map(|c| (c.name, c.sql_type))
-        .collect()
 }
 
 /// The rows of one of [`CLIENT`]'s tables.
@@ -957,8 +930,8 @@ fn batch_schema_decides_the_column_types(backend: Backend) {
     load(&db);
     assert_nothing_staged(&db, "after the pass");
 
-    let ty = |t| declared(backend, t).to_owned();
-    let typed = column_types(&db, "typed");
+    let ty = |t| declared_type(backend, t).to_owned();
+    let typed = column_types(&db, CLIENT, "typed");
     for (column, expected) in [
         ("id", "bigint"),
         ("price", "double"),
@@ -977,7 +950,7 @@ fn batch_schema_decides_the_column_types(backend: Backend) {
         !typed.keys().any(|c| c.contains("__")),
         "no typed sibling columns: {typed:?}"
     );
-    let guessed = column_types(&db, "guessed");
+    let guessed = column_types(&db, CLIENT, "guessed");
     assert_eq!(guessed.get("price"), Some(&ty("bigint")), "{guessed:?}");
     assert_eq!(guessed.get("code"), Some(&ty("timestamptz")), "{guessed:?}");
 

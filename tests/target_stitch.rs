@@ -37,8 +37,8 @@ use diesel::sql_types::BigInt;
 use serde_json::{Value, json};
 use support::python::{PythonEnv, PythonTool, run_to_end};
 use support::{
-    Backend, DbConnection, Server, TestDb, both_backends, issue_key, load, primary_key,
-    warehouse_columns, warehouse_count, warehouse_rows, warehouse_tables,
+    Backend, DbConnection, Server, TestDb, both_backends, declared_type, issue_key, load,
+    primary_key, warehouse_columns, warehouse_count, warehouse_rows, warehouse_tables,
 };
 
 both_backends!(a_singer_stream_sent_by_target_stitch_lands_typed_in_the_warehouse);
@@ -272,24 +272,6 @@ fn assert_products(db: &TestDb) {
     );
 }
 
-/// The declared type docs/warehouse.md gives a warehouse type on each backend, as
-/// [`warehouse_columns`] reports it.
-fn declared(backend: Backend, warehouse_type: &str) -> &'static str {
-    match (backend, warehouse_type) {
-        (Backend::Postgres, "bigint") => "bigint",
-        (Backend::Postgres, "double") => "double precision",
-        (Backend::Postgres, "boolean") => "boolean",
-        (Backend::Postgres, "text") => "text",
-        (Backend::Postgres, "timestamptz") => "timestamp with time zone",
-        (Backend::Sqlite, "bigint") => "INTEGER",
-        (Backend::Sqlite, "double") => "REAL",
-        (Backend::Sqlite, "boolean") => "BOOLEAN",
-        (Backend::Sqlite, "text") => "TEXT",
-        (Backend::Sqlite, "timestamptz") => "TIMESTAMPTZ",
-        (_, other) => panic!("no warehouse type {other}"),
-    }
-}
-
 /// The table's data columns (those not starting with `_intake_`) are exactly `expected`, with
 /// those types, and it has the system columns (a root table also the Stitch ones).
 #[track_caller]
@@ -305,7 +287,7 @@ fn assert_columns(db: &TestDb, table: &str, expected: &[(&str, &str)], root: boo
         .collect();
     let wanted: BTreeMap<&str, &str> = expected
         .iter()
-        .map(|(name, t)| (*name, declared(db.backend, t)))
+        .map(|(name, t)| (*name, declared_type(db.backend, t)))
         .collect();
     assert_eq!(data, wanted, "{table}: data columns and their types");
 

@@ -977,6 +977,36 @@ pub fn warehouse_tables(db: &TestDb, client_id: i64) -> Vec<String> {
     names
 }
 
+/// The declared type docs/warehouse.md gives a warehouse type (`bigint`, `double`, `boolean`,
+/// `text`, `timestamptz`) on each backend, as [`warehouse_columns`] reports it.
+pub fn declared_type(backend: Backend, warehouse_type: &str) -> &'static str {
+    match (backend, warehouse_type) {
+        (Backend::Postgres, "bigint") => "bigint",
+        (Backend::Postgres, "double") => "double precision",
+        (Backend::Postgres, "boolean") => "boolean",
+        (Backend::Postgres, "text") => "text",
+        (Backend::Postgres, "timestamptz") => "timestamp with time zone",
+        (Backend::Sqlite, "bigint") => "INTEGER",
+        (Backend::Sqlite, "double") => "REAL",
+        (Backend::Sqlite, "boolean") => "BOOLEAN",
+        (Backend::Sqlite, "text") => "TEXT",
+        (Backend::Sqlite, "timestamptz") => "TIMESTAMPTZ",
+        (_, other) => panic!("no warehouse type {other}"),
+    }
+}
+
+/// Column name → declared type of one of a client's warehouse tables.
+pub fn column_types(
+    db: &TestDb,
+    client_id: i64,
+    table: &str,
+) -> std::collections::BTreeMap<String, String> {
+    warehouse_columns(db, client_id, table)
+        .into_iter()
+        .map(|c| (c.name, c.sql_type))
+        .collect()
+}
+
 /// One column of a warehouse table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WarehouseColumn {

@@ -114,14 +114,30 @@ impl ResponseError for ApiError {
             message: &self.message,
             reasons: &self.reasons,
         };
-        let mut response = HttpResponse::build(self.status);
-        response.insert_header((CONTENT_TYPE, "application/json"));
-        if let Some(secs) = self.retry_after {
-            response.insert_header((RETRY_AFTER, secs.to_string()));
-        }
-        if let Some(allow) = self.allow {
-            response.insert_header((ALLOW, allow));
-        }
-        response.body(serde_json::to_string(&body).unwrap_or_else(|_| "{}".into()))
+        error_answer(
+            self.status,
+            serde_json::to_string(&body).unwrap_or_else(|_| "{}".into()),
+            self.retry_after,
+            self.allow,
+        )
     }
+}
+
+/// An error answer of either protocol: its JSON body, and the `Retry-After` and `Allow`
+/// headers when they apply.
+pub fn error_answer(
+    status: StatusCode,
+    body: String,
+    retry_after: Option<u64>,
+    allow: Option<&'static str>,
+) -> HttpResponse {
+    let mut response = HttpResponse::build(status);
+    response.insert_header((CONTENT_TYPE, "application/json"));
+    if let Some(secs) = retry_after {
+        response.insert_header((RETRY_AFTER, secs.to_string()));
+    }
+    if let Some(allow) = allow {
+        response.insert_header((ALLOW, allow));
+    }
+    response.body(body)
 }

@@ -2,13 +2,12 @@
 //! keys, group committer, staging and loader; Stitch's own bodies, answers and error shape.
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use serde_json::json;
 
 use crate::access_log::RecordCount;
 use crate::app::AppState;
-use crate::errors::ApiError;
+use crate::errors::{ApiError, error_answer};
 use crate::group_commit::JobPart;
 use crate::ingest::{check_content_type, read_body, verified_client};
 use crate::stitch_body::{self, Limits, MARKER_TEXT, Parts, Problem, Refusal};
@@ -79,15 +78,7 @@ impl ResponseError for StitchError {
 
     fn error_response(&self) -> HttpResponse {
         let body = json!({"status": "ERROR", "error": self.message, "errors": self.problems});
-        let mut response = HttpResponse::build(self.status);
-        response.insert_header((CONTENT_TYPE, "application/json"));
-        if let Some(secs) = self.retry_after {
-            response.insert_header((RETRY_AFTER, secs.to_string()));
-        }
-        if let Some(allow) = self.allow {
-            response.insert_header((ALLOW, allow));
-        }
-        response.body(body.to_string())
+        error_answer(self.status, body.to_string(), self.retry_after, self.allow)
     }
 }
 
