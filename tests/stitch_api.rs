@@ -23,6 +23,7 @@ use support::{
 };
 
 both_backends!(
+    a_batch_without_key_names_appends_every_record,
     status_answers_ok_without_a_key,
     status_answers_503_with_retry_after_when_the_database_is_down,
     push_stages_each_data_object_and_loads_several_tables,
@@ -727,10 +728,7 @@ fn validate_checks_like_push_and_batch_and_stores_nothing(backend: Backend) {
     let mut bad_price = batch_body.clone();
     bad_price["messages"][0]["data"]["price"] = json!("cheap");
     let mut no_keys = batch_body.clone();
-    no_keys
-        .as_object_mut()
-        .expect("an object")
-        .remove("key_names");
+    no_keys["key_names"] = json!("id");
     let cases: Vec<(&str, &str, String, u16)> = vec![
         (
             "a null key",
@@ -764,7 +762,12 @@ fn validate_checks_like_push_and_batch_and_stores_nothing(backend: Backend) {
             bad_price.to_string(),
             400,
         ),
-        ("a batch without key_names", BATCH, no_keys.to_string(), 400),
+        (
+            "a batch whose key_names is no array",
+            BATCH,
+            no_keys.to_string(),
+            400,
+        ),
     ];
     for (what, path, body, status) in &cases {
         let stored = post(&server, path, &key, body);
@@ -844,21 +847,11 @@ fn batch_records_must_conform_to_the_schema(backend: Backend) {
     assert_nothing_staged(&db, "a batch with records failing the schema");
     assert_eq!(stored_schemas(&db), 0, "a refused batch keeps no schema");
 
-    // Keys are needed: key_names missing or empty is 400, saying so.
-    for (what, key_names) in [("missing", None), ("empty", Some(json!([])))] {
-        let mut body = batch(json!([upsert(1, json!({"id": 1, "price": 1.5}))]));
-        match key_names {
-            Some(names) => body["key_names"] = names,
-            None => {
-                body.as_object_mut().expect("an object").remove("key_names");
-            }
-        }
-        let (message, _) = assert_stitch_error(&post(&server, BATCH, &key, &body.to_string()), 400);
-        assert!(
-            message.contains("key_names") && message.contains("key"),
-            "key_names {what}: {message}"
-        );
-    }
+    // Key names must be field names.
+    let mut numbered = batch(json!([upsert(1, json!({"id": 1, "price": 1.5}))]));
+    numbered["key_names"] = json!([1]);
+    let (message, _) = assert_stitch_error(&post(&server, BATCH, &key, &numbered.to_string()), 400);
+    assert!(message.contains("key_names"), "{message}");
     // A record missing its key field is refused like in a push.
     let (_, problems) = assert_stitch_error(
         &post(
@@ -1250,4 +1243,51 @@ fn the_key_never_reaches_the_log(backend: Backend) {
         }
     }
     assert_eq!(staged_rows(&db).len(), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Append-only tables.
+
+/// A batch without key names (a Singer stream without key properties) makes an append-only
+/// table: every record is a row of its own, keyed by `__sdc_primary_key`.
+fn a_batch_without_key_names_appends_every_record(backend: Backend) {
+    let db = TestDb::new(backend);
+    let (server, key) = start(&db, &[]);
+    let schema = json!({"properties": {"kind": {"type": "string"}, "n": {"type": "number"}}});
+    let event = |seq: i64, kind: &str| json!({"action": "upsert", "sequence": seq, "data": {"kind": kind, "n": 1, "__sdc_primary_key": "mine"}});
+    let without_keys = json!({"table_name": "events", "schema": schema,
+                              "messages": [event(1, "a"), event(2, "b")]});
+    let mut empty_keys = without_keys.clone();
+    empty_keys["key_names"] = json!([]);
+    empty_keys["messages"] = json!([event(1, "a"), event(3, "c")]);
+    batch_ok(&server, &key, &without_keys);
+    load(&db);
+    batch_ok(&server, &key, &empty_keys);
+    load(&db);
+    assert_nothing_staged(&db, "after loading the append-only batches");
+
+    let events = rows(&db, "events", "\"__sdc_primary_key\"");
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(
+        kinds,
+        ["a", "b", "a", "c"],
+        "every record is a row, repeats too"
+    );
+    let keys: Vec<i64> = events
+        .iter()
+        .map(|r| r["__sdc_primary_key"].as_i64().unwrap_or(-1))
+        .collect();
+    assert!(
+        keys.windows(2).all(|w| w[0] < w[1]),
+        "distinct, in arrival order: {keys:?}"
+    );
+    assert_eq!(
+        support::primary_key(&db, CLIENT, "events"),
+        ["__sdc_primary_key"]
+    );
+    let types = column_types(&db, CLIENT, "events");
+    assert_eq!(types["n"], declared_type(backend, "double"), "{types:?}");
 }

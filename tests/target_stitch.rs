@@ -91,6 +91,7 @@ fn a_singer_stream_sent_by_target_stitch_lands_typed_in_the_warehouse(backend: B
         [
             "orders",
             "orders__items",
+            "page_views",
             "products",
             "users",
             "users__tags"
@@ -101,6 +102,7 @@ fn a_singer_stream_sent_by_target_stitch_lands_typed_in_the_warehouse(backend: B
     assert_users(&db);
     assert_orders(&db);
     assert_products(&db);
+    assert_page_views(&db);
 
     eprintln!(
         "target-stitch on {backend:?}: stream sent in {target_time:.2?}, whole test {:.2?}",
@@ -246,6 +248,26 @@ fn assert_orders(db: &TestDb) {
             json!({"_intake_root_order_id": 102, "_intake_pos_0": 0, "sku": "C", "qty": 3}),
         ],
     );
+}
+
+/// A stream without key properties is append-only: every record is a row, repeats too.
+fn assert_page_views(db: &TestDb) {
+    assert_columns(
+        db,
+        "page_views",
+        &[
+            ("__sdc_primary_key", "bigint"),
+            ("path", "text"),
+            ("seen_at", "timestamptz"),
+        ],
+        true,
+    );
+    assert_eq!(primary_key(db, CLIENT, "page_views"), ["__sdc_primary_key"]);
+    let paths: Vec<String> = warehouse_rows(db, CLIENT, "page_views", "\"__sdc_primary_key\"")
+        .iter()
+        .map(|r| r["path"].as_str().unwrap_or("?").to_owned())
+        .collect();
+    assert_eq!(paths, ["/", "/pricing", "/"]);
 }
 
 fn assert_products(db: &TestDb) {

@@ -25,6 +25,9 @@ pub const OVERFLOW_COLUMN: &str = "_intake_overflow";
 /// Root tables: the Stitch client's `sequence` of the stored record (NULL for RJMetrics
 /// records, which count as 0 when versions of a key are compared).
 pub const CLIENT_SEQ_COLUMN: &str = "_intake_client_seq";
+/// The key field of an append-only table (a Stitch batch without key names): the record's
+/// staging sequence number. Stitch names its own such column the same way.
+pub const APPEND_ONLY_KEY: &str = "__sdc_primary_key";
 /// Root tables: the Stitch `table_version` the row belongs to (full-table replication).
 pub const VERSION_COLUMN: &str = "_intake_table_version";
 /// Per-client system tables.

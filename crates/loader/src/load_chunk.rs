@@ -10,9 +10,9 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::bulk::{Val, insert_rows};
 use crate::catalog::{
-    CLIENT_SEQ_COLUMN, Catalog, HISTORY_TABLE, LOADED_COLUMN, OVERFLOW_COLUMN, Placement,
-    RECEIVED_COLUMN, REJECTED_TABLE, SEQ_COLUMN, TableInfo, VERSION_COLUMN, ensure_overflow,
-    place_cell,
+    APPEND_ONLY_KEY, CLIENT_SEQ_COLUMN, Catalog, HISTORY_TABLE, LOADED_COLUMN, OVERFLOW_COLUMN,
+    Placement, RECEIVED_COLUMN, REJECTED_TABLE, SEQ_COLUMN, TableInfo, VERSION_COLUMN,
+    ensure_overflow, place_cell,
 };
 use crate::dialect::Dialect;
 use crate::flatten::{EMPTY_PATH, FlatRecord, flatten_with_keys, path_key, path_segments};
@@ -427,6 +427,9 @@ fn flatten_all(chunk: &[Staged], declared: &SchemaTypes) -> Vec<Result<FlatRecor
                 let keys = s.stitch.as_ref().map(|m| m.key_names.as_str());
                 let mut flat = flatten_with_keys(&s.record, keys)?;
                 declared.apply(&mut flat);
+                if flat.keys.is_empty() && s.stitch.is_some() {
+                    key_by_sequence(&mut flat, s.seq);
+                }
                 Ok(flat)
             })
             .collect::<Vec<_>>()
@@ -445,6 +448,16 @@ fn flatten_all(chunk: &[Staged], declared: &SchemaTypes) -> Vec<Result<FlatRecor
         }
         flat
     })
+}
+
+/// Gives a record of an append-only table (a Stitch batch without key names) its staging
+/// sequence number as its key, in the field [`APPEND_ONLY_KEY`]: every record becomes a row
+/// of its own. A field of that name in the data is replaced.
+fn key_by_sequence(flat: &mut FlatRecord, seq: i64) {
+    let path = path_key(&[APPEND_ONLY_KEY.to_owned()]);
+    flat.root.cells.retain(|(p, _)| *p != path);
+    flat.root.cells.push((path, Cell::Int(seq)));
+    flat.keys = vec![APPEND_ONLY_KEY.to_owned()];
 }
 
 /// Key column types for a new table, from the first record that declares its keys.

@@ -221,18 +221,15 @@ pub fn parse_batch(body: &str, limits: Limits) -> Result<Parts, Refusal> {
         .should_validate_formats(true)
         .build(schema)
         .map_err(|e| bad(format!("schema is not a usable JSON Schema: {e}")))?;
+    // No key names: an append-only table (every record becomes a row of its own).
     let key_names: Vec<Value> = match &batch.key_names {
-        Some(Value::Array(names)) if !names.is_empty() => names.clone(),
-        None | Some(Value::Array(_)) => {
-            return Err(bad(
-                "key_names is missing or empty: Intake upserts every table by its key, so name \
-                 the key fields (tables without keys are not supported yet)"
-                    .into(),
-            ));
-        }
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(names)) => names.clone(),
         Some(_) => return Err(bad("key_names must be an array of field names".into())),
     };
-    check_key_names(&key_names, "key_names").map_err(bad)?;
+    if !key_names.is_empty() {
+        check_key_names(&key_names, "key_names").map_err(bad)?;
+    }
     let table_version = match &batch.table_version {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => Some(
@@ -305,7 +302,12 @@ pub fn parse_batch(body: &str, limits: Limits) -> Result<Parts, Refusal> {
             ));
             continue;
         };
-        if let Err(why) = check_data(data, &key_names, "key_names") {
+        let checked = if key_names.is_empty() {
+            check_object(data)
+        } else {
+            check_data(data, &key_names, "key_names")
+        };
+        if let Err(why) = checked {
             problems.add(Problem::at(index, why));
             continue;
         }
@@ -387,12 +389,17 @@ fn sequence_of(value: Option<&Value>) -> Result<i64, String> {
     }
 }
 
-/// A record's `data`: an object of Unicode text whose key fields are all present and usable.
-fn check_data(data: &RawValue, key_names: &[Value], what: &str) -> Result<(), String> {
+/// A record's `data`: a JSON object of Unicode text.
+fn check_object(data: &RawValue) -> Result<(), String> {
     if !data.get().starts_with('{') {
         return Err("data must be a JSON object".into());
     }
-    check_unicode_escapes(data.get()).map_err(|why| format!("data {why}"))?;
+    check_unicode_escapes(data.get()).map_err(|why| format!("data {why}"))
+}
+
+/// A keyed record's `data`: an object whose key fields are all present and usable.
+fn check_data(data: &RawValue, key_names: &[Value], what: &str) -> Result<(), String> {
+    check_object(data)?;
     let names = check_key_names(key_names, what)?;
     let fields: HashMap<String, &RawValue> =
         serde_json::from_str(data.get()).map_err(|e| format!("data is not a valid object: {e}"))?;
@@ -640,10 +647,28 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_without_key_names_is_an_append_only_table() {
+        let body = batch(
+            r#"{"action": "upsert", "sequence": 1, "data": {"x": 1}}"#,
+            "",
+        );
+        for without in [
+            body.replace(r#""key_names": ["id"], "#, ""),
+            body.replace(r#""key_names": ["id"]"#, r#""key_names": []"#),
+        ] {
+            let parts = parse_batch(&without, LIMITS).expect("valid");
+            assert_eq!(parts.tables[0].meta[0].key_names, "[]");
+        }
+        // With key names, the key must be there.
+        assert!(matches!(
+            parse_batch(&body, LIMITS),
+            Err(Refusal::BadRequest(..))
+        ));
+    }
+
+    #[test]
     fn batch_shape_errors_are_400() {
         let cases = [
-            batch(r#"{"action": "upsert", "sequence": 1, "data": {"id": 1}}"#, "")
-                .replace(r#""key_names": ["id"], "#, ""),
             batch(r#"{"action": "activate_version", "sequence": 1}"#, ""),
             batch(r#"{"action": "upsert", "sequence": 1, "data": {"x": 1}}"#, ""),
             batch(r#"{"action": "upsert", "data": {"id": 1}}"#, ""),
