@@ -19,10 +19,12 @@ use diesel::sql_types::BigInt;
 use serde_json::{Value, json};
 use support::{
     Backend, DbConnection, Reply, Server, TestDb, both_backends, column_types, declared_type,
-    issue_key, load, secret_of, staged_records, staged_rows, unknown_key, warehouse_rows,
+    issue_key, load, secret_of, staged_records, staged_rows, unknown_key, warehouse_count,
+    warehouse_rows,
 };
 
 both_backends!(
+    stream_names_with_punctuation_become_table_names,
     a_batch_without_key_names_appends_every_record,
     status_answers_ok_without_a_key,
     status_answers_503_with_retry_after_when_the_database_is_down,
@@ -449,7 +451,7 @@ fn unusable_push_records_are_422_with_their_index_and_nothing_is_staged(backend:
         ("action missing", without("action"), "action"),
         (
             "table_name invalid",
-            with("table_name", json!("no such-table")),
+            with("table_name", json!("naïve")),
             "table",
         ),
     ];
@@ -1290,4 +1292,21 @@ fn a_batch_without_key_names_appends_every_record(backend: Backend) {
     );
     let types = column_types(&db, CLIENT, "events");
     assert_eq!(types["n"], declared_type(backend, "double"), "{types:?}");
+}
+
+/// Singer streams are often named `schema-table`: punctuation becomes `_`.
+fn stream_names_with_punctuation_become_table_names(backend: Backend) {
+    let db = TestDb::new(backend);
+    let (server, key) = start(&db, &[]);
+    push_ok(
+        &server,
+        &key,
+        &[
+            record("Public-Users", 1, json!({"id": 1})),
+            record("db.orders v2", 1, json!({"id": 2})),
+        ],
+    );
+    load(&db);
+    assert_eq!(warehouse_count(&db, CLIENT, "public_users"), 1);
+    assert_eq!(warehouse_count(&db, CLIENT, "db_orders_v2"), 1);
 }

@@ -34,9 +34,41 @@ pub fn normalize_table_name(raw: &str) -> Result<String, String> {
     Ok(raw.to_ascii_lowercase())
 }
 
+/// A Stitch `table_name`: Singer streams are often named `schema-table` or `schema.table`, so
+/// ASCII punctuation and spaces (`-`, `.`, ` `, ...) become `_` before the rules of
+/// [`normalize_table_name`] apply; anything else they refuse is refused here too.
+pub fn normalize_stitch_table_name(raw: &str) -> Result<String, String> {
+    let mapped: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_punctuation() || c == ' ' {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    normalize_table_name(&mapped)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stitch_names_map_punctuation_to_underscores() {
+        assert_eq!(
+            normalize_stitch_table_name("public-Users").as_deref(),
+            Ok("public_users")
+        );
+        assert_eq!(
+            normalize_stitch_table_name("db.orders v2").as_deref(),
+            Ok("db_orders_v2")
+        );
+        for bad in ["", "ünï", "a\u{0}b", &"a".repeat(64)] {
+            assert!(normalize_stitch_table_name(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn accepts_and_lowercases_valid_names() {

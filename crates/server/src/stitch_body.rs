@@ -10,7 +10,7 @@ use intake_core::push_body::{
     MAX_REASONS, check_key_names, check_key_values, check_nesting, check_unicode_escapes,
 };
 use intake_core::staging::RecordMeta;
-use intake_core::table_name::normalize_table_name;
+use intake_core::table_name::normalize_stitch_table_name;
 use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -137,7 +137,7 @@ fn check_push_message<'a>(m: &PushMessage<'a>) -> Result<(String, RecordMeta, &'
         Some(_) => return Err("client_id must be an integer".into()),
     }
     let table = match &m.table_name {
-        Some(Value::String(name)) => normalize_table_name(name)?,
+        Some(Value::String(name)) => normalize_stitch_table_name(name)?,
         None => return Err("table_name is missing".into()),
         Some(_) => return Err("table_name must be a string".into()),
     };
@@ -195,7 +195,7 @@ pub fn parse_batch(body: &str, limits: Limits) -> Result<Parts, Refusal> {
     let bad = |why: String| Refusal::BadRequest(why, vec![]);
     let table = match &batch.table_name {
         Some(Value::String(name)) => {
-            normalize_table_name(name).map_err(|why| bad(format!("table_name: {why}")))?
+            normalize_stitch_table_name(name).map_err(|why| bad(format!("table_name: {why}")))?
         }
         None => return Err(bad("table_name is missing".into())),
         Some(_) => return Err(bad("table_name must be a string".into())),
@@ -563,10 +563,7 @@ mod tests {
                 "sequence",
             ),
             (push_record("").replace("upsert", "delete"), "action"),
-            (
-                push_record("").replace("users", "no-such table"),
-                "table name",
-            ),
+            (push_record("").replace("users", "tablé"), "table name"),
         ];
         for (record, expected) in cases {
             let body = format!("[{}, {record}]", push_record(""));
