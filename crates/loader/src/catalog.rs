@@ -490,6 +490,68 @@ impl Catalog {
     }
 }
 
+#[derive(QueryableByName)]
+struct ColumnName {
+    #[diesel(sql_type = Text)]
+    name: String,
+}
+
+/// Root tables checked for the Stitch system columns by this process.
+static UPGRADED: std::sync::Mutex<Vec<(i64, String)>> = std::sync::Mutex::new(Vec::new());
+
+impl Catalog {
+    /// Root tables created before the Stitch protocol lack its system columns
+    /// ([`CLIENT_SEQ_COLUMN`], [`VERSION_COLUMN`]): adds them. Looked at once per table per
+    /// process, so a chunk costs nothing after the first.
+    pub fn upgrade_root(&self, conn: &mut Conn<'_>) -> QueryResult<()> {
+        let Some(root) = self.tables.get(EMPTY_PATH).filter(|r| r.exists) else {
+            return Ok(());
+        };
+        let id = (self.client_id, root.name.clone());
+        let checked = || UPGRADED.lock().unwrap_or_else(|p| p.into_inner());
+        if checked().contains(&id) {
+            return Ok(());
+        }
+        let d = self.dialect;
+        let present: Vec<ColumnName> = match d {
+            Dialect::Postgres => conn.load(
+                "SELECT column_name::text AS name FROM information_schema.columns \
+                 WHERE table_schema = $1 AND table_name = $2",
+                vec![
+                    Param::Text(Some(namespace(self.client_id))),
+                    Param::Text(Some(root.name.clone())),
+                ],
+            )?,
+            Dialect::Sqlite => conn.load(
+                "SELECT name FROM pragma_table_info(?1)",
+                vec![Param::Text(Some(format!(
+                    "{}__{}",
+                    namespace(self.client_id),
+                    root.name
+                )))],
+            )?,
+        };
+        let mut complete = true;
+        for column in [CLIENT_SEQ_COLUMN, VERSION_COLUMN] {
+            if !present.iter().any(|p| p.name == column) {
+                complete = false;
+                conn.batch(&format!(
+                    "ALTER TABLE {} ADD COLUMN {} {}",
+                    d.table_ref(self.client_id, &root.name),
+                    quote(column),
+                    d.sql_type(ColType::BigInt)
+                ))?;
+            }
+        }
+        // Only a table found complete is remembered: columns added here roll back with the
+        // chunk if it fails, and must then be added again.
+        if complete {
+            checked().push(id);
+        }
+        Ok(())
+    }
+}
+
 /// `_intake_root_<key>` kept within the identifier limit.
 fn fit_system_name(name: &str, original: &str) -> String {
     if name.len() <= identifiers::MAX_IDENTIFIER_BYTES {

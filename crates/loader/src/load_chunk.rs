@@ -105,6 +105,7 @@ fn activate_version(
 ) -> QueryResult<()> {
     let version = marker.stitch.as_ref().and_then(|m| m.table_version);
     let catalog = Catalog::load(conn, client_id, table)?;
+    catalog.upgrade_root(conn)?;
     if let (Some(version), Some(root)) = (version, catalog.tables.get(EMPTY_PATH)) {
         let d = catalog.dialect;
         let root_ref = d.table_ref(client_id, &root.name);
@@ -156,6 +157,7 @@ fn load_records(
     let started_at = intake_core::timestamps::now();
     let dialect = conn.dialect();
     let mut catalog = Catalog::load(conn, client_id, table)?;
+    catalog.upgrade_root(conn)?;
     let declared = if chunk.iter().any(|s| s.stitch.is_some()) {
         SchemaTypes::load(conn, client_id, table)?
     } else {
@@ -426,9 +428,13 @@ fn flatten_all(chunk: &[Staged], declared: &SchemaTypes) -> Vec<Result<FlatRecor
             .map(|s| {
                 let keys = s.stitch.as_ref().map(|m| m.key_names.as_str());
                 let mut flat = flatten_with_keys(&s.record, keys)?;
-                declared.apply(&mut flat);
-                if flat.keys.is_empty() && s.stitch.is_some() {
-                    key_by_sequence(&mut flat, s.seq);
+                // The schema types Stitch records only: RJMetrics records are typed by their
+                // values, whatever chunk they share.
+                if s.stitch.is_some() {
+                    declared.apply(&mut flat);
+                    if flat.keys.is_empty() {
+                        key_by_sequence(&mut flat, s.seq);
+                    }
                 }
                 Ok(flat)
             })
@@ -636,17 +642,23 @@ fn write_table(
     ] {
         sets.push(format!("{} = excluded.{}", quote(system), quote(system)));
     }
-    // The rule of `Staged::supersedes`: a higher client sequence (none counts as 0), or for two
-    // RJMetrics records the later commit.
+    // `Staged::order` in SQL: (client sequence or 0, 1 for RJMetrics records, their commit
+    // order), compared as row values.
+    let order = |row: &str| {
+        format!(
+            "(COALESCE({row}.{cs}, 0), CASE WHEN {row}.{cs} IS NULL THEN 1 ELSE 0 END, \
+              CASE WHEN {row}.{cs} IS NULL THEN {row}.{seq} ELSE 0 END)",
+            cs = quote(CLIENT_SEQ_COLUMN),
+            seq = quote(SEQ_COLUMN),
+        )
+    };
     let tail = format!(
-        "ON CONFLICT ({}) DO UPDATE SET {} \
-         WHERE COALESCE(t.{cs}, 0) < COALESCE(excluded.{cs}, 0) \
-            OR (t.{cs} IS NULL AND excluded.{cs} IS NULL AND t.{seq} < excluded.{seq}) \
-         RETURNING {seq} AS v",
+        "ON CONFLICT ({}) DO UPDATE SET {} WHERE {} < {} RETURNING {} AS v",
         keys.iter().map(|k| quote(k)).collect::<Vec<_>>().join(", "),
         sets.join(", "),
-        seq = quote(SEQ_COLUMN),
-        cs = quote(CLIENT_SEQ_COLUMN),
+        order("t"),
+        order("excluded"),
+        quote(SEQ_COLUMN),
     );
     insert_rows(conn, &table_ref, &columns, values, &tail, true)
 }

@@ -30,17 +30,22 @@ pub struct StitchMeta {
 }
 
 impl Staged {
-    /// Whether this record replaces `stored`, a version of the same key. A Stitch record does
-    /// only with a higher client sequence (an equal one leaves the stored record: a retried
-    /// request changes nothing); RJMetrics records count as sequence 0 and, among themselves,
-    /// the later commit wins. The upsert guard in `load_chunk` is the same rule in SQL.
-    pub fn supersedes(&self, stored: &Staged) -> bool {
-        match (&self.stitch, &stored.stitch) {
-            (None, None) => self.seq > stored.seq,
-            (new, old) => {
-                new.as_ref().map_or(0, |m| m.client_seq) > old.as_ref().map_or(0, |m| m.client_seq)
-            }
+    /// Where this record stands among the versions of its key; a record replaces a stored one
+    /// only if it stands strictly higher. Stitch records stand by their client sequence, and an
+    /// equal one does not replace (a retried request changes nothing). RJMetrics records have
+    /// no client sequence: they stand at 0, above any Stitch record with sequence 0, and among
+    /// themselves by commit order. A total order, so the winner never depends on how records
+    /// fall into chunks. The upsert guard in `load_chunk` is the same order in SQL.
+    pub fn order(&self) -> (i64, u8, i64) {
+        match &self.stitch {
+            Some(m) => (m.client_seq, 0, 0),
+            None => (0, 1, self.seq),
         }
+    }
+
+    /// Whether this record replaces `stored`, a version of the same key.
+    pub fn supersedes(&self, stored: &Staged) -> bool {
+        self.order() > stored.order()
     }
 
     pub fn is_activation(&self) -> bool {
@@ -221,5 +226,11 @@ mod tests {
         assert!(!staged(9, None).supersedes(&staged(1, Some(1))));
         assert!(staged(1, Some(1)).supersedes(&staged(9, None)));
         assert!(!staged(1, Some(0)).supersedes(&staged(9, None)));
+        // Sequence 0 stands below every RJMetrics record, so the order is total: which of
+        // three versions wins does not depend on which two meet first.
+        assert!(staged(9, None).supersedes(&staged(1, Some(0))));
+        let mut three = [staged(1, None), staged(2, Some(0)), staged(3, None)];
+        three.sort_by_key(Staged::order);
+        assert_eq!(three.last().map(|s| s.seq), Some(3));
     }
 }

@@ -73,12 +73,22 @@ impl SchemaTypes {
     }
 
     /// Converts a flattened record's cells to their declared types where that loses nothing.
+    /// Key fields keep the type their value has: the server checked them as keys (a string,
+    /// a 64-bit integer or a boolean), and a key column's type is fixed by the first record.
     pub fn apply(&self, flat: &mut FlatRecord) {
         if self.is_empty() {
             return;
         }
         let root = path_key(&[]);
+        let keys: Vec<String> = flat
+            .keys
+            .iter()
+            .map(|k| path_key(std::slice::from_ref(k)))
+            .collect();
         for (path, cell) in &mut flat.root.cells {
+            if keys.contains(path) {
+                continue;
+            }
             if let Some(t) = self.declared(&root, path) {
                 retype(cell, t);
             }
@@ -123,7 +133,7 @@ impl SchemaTypes {
                 path.pop();
             }
         }
-        if types.contains(&"array")
+        if allows("array")
             && let Some(items) = fields.get("items")
         {
             // An array directly inside array elements sits at the element path "value".
@@ -191,6 +201,12 @@ fn retype(cell: &mut Cell, declared: ColType) {
             parse_datetime(text).map(|t| Cell::Time(t, text.clone()))
         }
         (Cell::Int(_), ColType::Double) => cell.coerce_to(ColType::Double),
+        // JSON Schema's `integer` accepts `5.0`.
+        (Cell::Float(f), ColType::BigInt)
+            if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 =>
+        {
+            Some(Cell::Int(*f as i64))
+        }
         _ => None,
     };
     if let Some(converted) = converted {
@@ -209,8 +225,9 @@ mod tests {
         json!({
             "type": "object",
             "properties": {
-                "id": {"type": "integer"},
+                "id": {"type": ["null", "number"]},
                 "price": {"type": ["null", "number"]},
+            "count": {"type": "integer"},
                 "looks_like_a_date": {"type": "string"},
                 "at": {"type": ["null", "string"], "format": "date-time"},
                 "address": {"type": "object", "properties": {"city": {"type": "string"}}},
@@ -227,7 +244,7 @@ mod tests {
     #[test]
     fn hints_follow_the_flattened_paths() {
         let types = SchemaTypes::from_schema(&schema());
-        assert_eq!(types.declared("[]", r#"["id"]"#), Some(ColType::BigInt));
+        assert_eq!(types.declared("[]", r#"["id"]"#), Some(ColType::Double));
         assert_eq!(types.declared("[]", r#"["price"]"#), Some(ColType::Double));
         assert_eq!(types.declared("[]", r#"["at"]"#), Some(ColType::Timestamp));
         assert_eq!(
@@ -253,7 +270,7 @@ mod tests {
     fn cells_take_their_declared_types() {
         let types = SchemaTypes::from_schema(&schema());
         let mut flat = flatten_with_keys(
-            r#"{"id": 1, "price": 5, "looks_like_a_date": "2026-11-26", "at": "2026-11-26T10:00:00Z",
+            r#"{"id": 1, "price": 5, "count": 5.0, "looks_like_a_date": "2026-11-26", "at": "2026-11-26T10:00:00Z",
                 "items": [{"qty": 2, "tags": ["2026-01-01"]}], "keys": "data, not keys"}"#,
             Some(r#"["id"]"#),
         )
@@ -266,12 +283,18 @@ mod tests {
             .map(|(p, c)| (p.as_str(), c))
             .collect();
         assert_eq!(root[r#"["price"]"#], &Cell::Float(5.0));
+        assert_eq!(root[r#"["count"]"#], &Cell::Int(5));
         assert_eq!(
             root[r#"["looks_like_a_date"]"#],
             &Cell::Text("2026-11-26".into())
         );
         assert!(matches!(root[r#"["at"]"#], Cell::Time(..)));
         assert_eq!(root[r#"["keys"]"#], &Cell::Text("data, not keys".into()));
+        assert_eq!(
+            root[r#"["id"]"#],
+            &Cell::Int(1),
+            "key fields keep their type"
+        );
         let qty = &flat
             .children
             .iter()

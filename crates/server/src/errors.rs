@@ -91,7 +91,7 @@ impl ApiError {
             retry_after: Some(retry_after),
             ..ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "the database could not take the request in time; retry later (retrying a push is safe: records are upserted by their keys)",
+                "the database could not take the request in time; retry later (retrying is safe: records with keys are upserted, so one stored despite this answer is not duplicated)",
             )
         }
     }

@@ -158,11 +158,21 @@ async fn accept(
         BodyKind::Batch => true,
         BodyKind::Either => body.trim_start().starts_with('{'),
     };
-    let parts = if is_batch {
-        stitch_body::parse_batch(&body, limits)?
-    } else {
-        stitch_body::parse_push(&body, client_id, limits)?
-    };
+    // Up to 20 MB of JSON and a schema check per record: off the HTTP worker threads.
+    let (body, parsed) = web::block(move || {
+        let parsed = if is_batch {
+            stitch_body::parse_batch(&body, limits)
+        } else {
+            stitch_body::parse_push(&body, client_id, limits)
+        };
+        (body, parsed)
+    })
+    .await
+    .map_err(|e| {
+        log::error!("parsing a Stitch body did not complete: {e}");
+        StitchError::from(state.unavailable())
+    })?;
+    let parts = parsed?;
     if !store {
         return Ok(HttpResponse::Ok().json(json!({"status": "OK", "message": "Batch is valid!"})));
     }

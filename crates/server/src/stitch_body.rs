@@ -17,6 +17,8 @@ use serde_json::value::RawValue;
 
 /// Deepest JSON nesting accepted in a Stitch body (serde_json's own parser stops at 128).
 pub const MAX_DEPTH: usize = 100;
+/// Most distinct tables one push may write: each costs a statement in the commit.
+pub const MAX_TABLES_PER_REQUEST: usize = 100;
 
 /// One problem found in a body, tied to a record where there is one.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -105,8 +107,9 @@ struct PushMessage<'a> {
 
 /// Validates a push body for the key's client. Nothing is partial: any problem refuses all.
 pub fn parse_push(body: &str, client_id: i64, limits: Limits) -> Result<Parts, Refusal> {
-    let messages: Vec<PushMessage<'_>> = parse_json(body, "a JSON array of records")?;
-    check_count(messages.len(), limits)?;
+    let raw: Vec<&RawValue> = parse_json(body, "a JSON array of records")?;
+    check_count(raw.len(), limits)?;
+    let messages: Vec<PushMessage<'_>> = objects(&raw)?;
     // The key decides the client: a record for another client refuses the whole request.
     for message in &messages {
         // (A client_id that is no integer is a 422 of that record, below.)
@@ -127,7 +130,18 @@ pub fn parse_push(body: &str, client_id: i64, limits: Limits) -> Result<Parts, R
         }
     }
     problems.into_result(Refusal::Unprocessable, messages.len())?;
-    Ok(parts.finish())
+    let parts = parts.finish();
+    if parts.tables.len() > MAX_TABLES_PER_REQUEST {
+        return Err(Refusal::BadRequest(
+            format!(
+                "the request writes {} tables; at most {MAX_TABLES_PER_REQUEST} are allowed per \
+                 request",
+                parts.tables.len()
+            ),
+            vec![],
+        ));
+    }
+    Ok(parts)
 }
 
 fn check_push_message<'a>(m: &PushMessage<'a>) -> Result<(String, RecordMeta, &'a str), String> {
@@ -174,7 +188,7 @@ struct BatchBody<'a> {
     table_name: Option<Value>,
     schema: Option<Value>,
     #[serde(borrow)]
-    messages: Option<Vec<BatchMessage<'a>>>,
+    messages: Option<Vec<&'a RawValue>>,
     key_names: Option<Value>,
     table_version: Option<Value>,
     bookmark_names: Option<Value>,
@@ -191,6 +205,13 @@ struct BatchMessage<'a> {
 
 /// Validates a batch body; every record is checked against the batch's JSON Schema.
 pub fn parse_batch(body: &str, limits: Limits) -> Result<Parts, Refusal> {
+    if !body.trim_start().starts_with('{') {
+        parse_json::<&RawValue>(body, "a JSON object")?;
+        return Err(Refusal::BadRequest(
+            "request body must be a JSON object (one table's batch)".into(),
+            vec![],
+        ));
+    }
     let batch: BatchBody<'_> = parse_json(body, "a JSON object")?;
     let bad = |why: String| Refusal::BadRequest(why, vec![]);
     let table = match &batch.table_name {
@@ -243,11 +264,12 @@ pub fn parse_batch(body: &str, limits: Limits) -> Result<Parts, Refusal> {
         Some(Value::Array(names)) if names.iter().all(Value::is_string) => {}
         Some(_) => return Err(bad("bookmark_names must be an array of field names".into())),
     }
-    let messages = batch
+    let raw = batch
         .messages
         .as_ref()
         .ok_or_else(|| bad("messages is missing (an array of messages)".into()))?;
-    check_count(messages.len(), limits)?;
+    check_count(raw.len(), limits)?;
+    let messages: Vec<BatchMessage<'_>> = objects(raw)?;
     let key_text = Value::Array(key_names.clone()).to_string();
     let mut problems = Problems::default();
     let mut parts = PartsBuilder::default();
@@ -357,6 +379,28 @@ fn parse_json<'a, T: Deserialize<'a>>(body: &'a str, shape: &str) -> Result<T, R
         };
         Refusal::BadRequest(what, vec![])
     })
+}
+
+/// Each element as a `T`, which must be written as a JSON object (serde would also take an
+/// array of its fields in order).
+fn objects<'a, T: Deserialize<'a>>(items: &[&'a RawValue]) -> Result<Vec<T>, Refusal> {
+    let wrong = |index: usize, why: String| {
+        Refusal::BadRequest(
+            format!("record {index} {why}"),
+            vec![Problem::at(index, why)],
+        )
+    };
+    items
+        .iter()
+        .enumerate()
+        .map(|(index, item)| {
+            if !item.get().starts_with('{') {
+                return Err(wrong(index, "must be a JSON object".into()));
+            }
+            serde_json::from_str(item.get())
+                .map_err(|e| wrong(index, format!("is not usable: {e}")))
+        })
+        .collect()
 }
 
 fn check_count(count: usize, limits: Limits) -> Result<(), Refusal> {
@@ -579,7 +623,17 @@ mod tests {
 
     #[test]
     fn malformed_or_misshapen_push_bodies_are_400() {
-        for body in ["", "{", "{}", "[]", "[1]", "\"x\"", &"[".repeat(500)] {
+        let positional = r#"[[7, "users", 1, "upsert", ["id"], {"id": 1}]]"#;
+        for body in [
+            "",
+            "{",
+            "{}",
+            "[]",
+            "[1]",
+            "\"x\"",
+            &"[".repeat(500),
+            positional,
+        ] {
             assert!(
                 matches!(parse_push(body, 7, LIMITS), Err(Refusal::BadRequest(..))),
                 "{body:?}"
@@ -671,6 +725,7 @@ mod tests {
             batch(r#"{"action": "upsert", "data": {"id": 1}}"#, ""),
             batch("", ""),
             r#"{"table_name": "t", "key_names": ["id"], "messages": []}"#.to_owned(),
+            batch(r#"["upsert", 1, {"id": 1}]"#, ""),
             r#"{"table_name": "t", "key_names": ["id"], "schema": {"properties": {"id": {"type": "bogus"}}}, "messages": [{"action": "upsert", "sequence": 1, "data": {"id": 1}}]}"#.to_owned(),
         ];
         for body in cases {
