@@ -15,7 +15,8 @@ use diesel::sqlite::{Sqlite, SqliteConnection};
 use crate::db::DbConn;
 use crate::timestamps::sqlite_text;
 
-/// Rows per multi-row INSERT on SQLite (5 bound values each, far below SQLite's limit).
+/// Rows per multi-row INSERT on SQLite (5 bound values each, 9 with the Stitch columns: at
+/// most 4,500, far below SQLite's limit).
 const SQLITE_ROWS_PER_INSERT: usize = 500;
 
 /// One request's worth of validated records for one table.
