@@ -18,6 +18,7 @@ use support::{
 };
 
 both_backends!(
+    child_rows_left_by_a_root_deleted_by_hand_do_not_block_its_next_version,
     a_nested_record_becomes_typed_columns,
     integers_beyond_64_bits_are_kept_exactly_as_text,
     arrays_become_child_tables,
@@ -2374,4 +2375,71 @@ fn run_fails_when_the_database_is_unreachable(backend: Backend) {
     assert!(!out.status.success(), "run must fail: {out:?}");
     assert!(!out.stderr.trim().is_empty(), "and say why: {out:?}");
     assert!(started.elapsed() < Duration::from_secs(30), "quickly");
+}
+
+/// A root row deleted by hand leaves its child rows behind. The next version of that key is a
+/// new root row, whose child rows must still replace the old ones, not collide with them.
+fn child_rows_left_by_a_root_deleted_by_hand_do_not_block_its_next_version(backend: Backend) {
+    let db = TestDb::new(backend);
+    let (server, key) = start(&db);
+    let version = |v: &str, skus: &[&str]| {
+        json!({"id": 1, "keys": ["id"], "v": v,
+               "items": skus.iter().map(|s| json!({"sku": s})).collect::<Vec<_>>()})
+    };
+    push(&server, &key, "orders", &[version("one", &["A", "B", "C"])]);
+    push(
+        &server,
+        &key,
+        "orders",
+        &[json!({"id": 2, "keys": ["id"], "items": [{"sku": "Z"}]})],
+    );
+    load(&db);
+    DbConnection::open(&db).execute(&format!(
+        "DELETE FROM {} WHERE \"id\" = 1",
+        table_ref(backend, CLIENT, "orders")
+    ));
+    assert_eq!(
+        warehouse_count(&db, CLIENT, "orders__items"),
+        4,
+        "orphans stay"
+    );
+
+    // Key 1 comes back (a new root row) beside a brand-new key 3, in one chunk.
+    push(
+        &server,
+        &key,
+        "orders",
+        &[
+            version("two", &["N"]),
+            json!({"id": 3, "keys": ["id"], "items": [{"sku": "Y"}]}),
+        ],
+    );
+    load(&db);
+    assert_staging_empty(&db);
+    assert_eq!(
+        rows(&db, "_intake_rejected", "\"seq\"").len(),
+        0,
+        "nothing rejected"
+    );
+    let items: Vec<(i64, String)> = rows(
+        &db,
+        "orders__items",
+        "\"_intake_root_id\", \"_intake_pos_0\"",
+    )
+    .iter()
+    .map(|r| {
+        (
+            r["_intake_root_id"].as_i64().unwrap_or(-1),
+            r["sku"].as_str().unwrap_or("?").to_owned(),
+        )
+    })
+    .collect();
+    assert_eq!(
+        items,
+        [
+            (1, "N".to_owned()),
+            (2, "Z".to_owned()),
+            (3, "Y".to_owned())
+        ]
+    );
 }
