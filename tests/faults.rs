@@ -53,6 +53,8 @@ fn push_bytes(server: &Server, client_id: i64, table: &str, key: &str, body: &[u
 
 const CRASH_CLIENT: i64 = 21;
 const CRASH_TABLES: [&str; 3] = ["crash_a", "crash_b", "crash_c"];
+/// The table of [`CRASH_TABLES`] pushed through the Stitch endpoint (the others use RJMetrics).
+const STITCH_TABLE: usize = 2;
 const CRASH_CLIENT_THREADS: usize = 6;
 const RECORDS_PER_REQUEST: usize = 20;
 
@@ -109,20 +111,35 @@ fn push_until_stopped(
                 ids.push(id);
             }
         }
+        // The last table is pushed with the Stitch protocol, its version as the sequence.
+        let stitch = table == STITCH_TABLE;
         let records: Vec<String> = ids
             .iter()
-            .map(|id| format!(r#"{{"id":{id},"v":{v},"keys":["id"]}}"#))
+            .map(|id| {
+                if stitch {
+                    format!(
+                        r#"{{"client_id":{CRASH_CLIENT},"table_name":"{}","sequence":{v},"action":"upsert","key_names":["id"],"data":{{"id":{id},"v":{v}}}}}"#,
+                        CRASH_TABLES[table]
+                    )
+                } else {
+                    format!(r#"{{"id":{id},"v":{v},"keys":["id"]}}"#)
+                }
+            })
             .collect();
         let body = format!("[{}]", records.join(","));
-        let target = format!(
-            "{}/v2/client/{CRASH_CLIENT}/table/{}/data",
-            current_url(&url),
-            CRASH_TABLES[table]
-        );
+        let target = if stitch {
+            format!("{}/v2/import/push", current_url(&url))
+        } else {
+            format!(
+                "{}/v2/client/{CRASH_CLIENT}/table/{}/data",
+                current_url(&url),
+                CRASH_TABLES[table]
+            )
+        };
         let outcome = match agent
             .post(&target)
             .header("Content-Type", "application/json")
-            .header("X-Api-Key", &key)
+            .header("Authorization", &format!("Bearer {key}"))
             .send(body.as_str())
         {
             // The status line is sent only after the commit.
