@@ -18,6 +18,7 @@ use support::{
 };
 
 both_backends!(
+    a_chunk_holds_no_more_bytes_than_configured,
     child_rows_left_by_a_root_deleted_by_hand_do_not_block_its_next_version,
     a_nested_record_becomes_typed_columns,
     integers_beyond_64_bits_are_kept_exactly_as_text,
@@ -2442,4 +2443,52 @@ fn child_rows_left_by_a_root_deleted_by_hand_do_not_block_its_next_version(backe
             (3, "Y".to_owned())
         ]
     );
+}
+
+/// `loader.chunk_max_bytes` cuts chunks by size as well as by count, so large records cannot
+/// make a chunk (and the loader) huge; a record larger than the budget loads alone.
+fn a_chunk_holds_no_more_bytes_than_configured(backend: Backend) {
+    let db = TestDb::new(backend);
+    let (server, key) = start(&db);
+    let config = db.dir().join("small-bytes.toml");
+    std::fs::write(
+        &config,
+        "[loader]\nchunk_size = 100\nchunk_max_bytes = 1000\n",
+    )
+    .expect("writing a config file");
+    let config = config.to_string_lossy().into_owned();
+    let rec = |id: i64, size: usize| json!({"id": id, "keys": ["id"], "pad": "x".repeat(size)});
+    let mut records: Vec<Value> = (1..=9).map(|id| rec(id, 250)).collect();
+    records.insert(4, rec(100, 3000));
+    push(&server, &key, "sized", &records);
+    let staged: Vec<(i64, usize)> = staged_rows(&db)
+        .iter()
+        .map(|(_, _, seq, record)| (*seq, record.len()))
+        .collect();
+    assert_eq!(staged.len(), 10);
+
+    run_loader(&db, &["run", "--config", &config]).assert_success();
+    assert_staging_empty(&db);
+    assert_eq!(warehouse_count(&db, CLIENT, "sized"), 10);
+    let sizes: std::collections::HashMap<i64, usize> = staged.into_iter().collect();
+    let chunks: Vec<(i64, i64)> = rows(&db, "_intake_load_history", "\"id\"")
+        .iter()
+        .map(|h| {
+            (
+                h["first_seq"].as_i64().unwrap_or(-1),
+                h["last_seq"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert!(chunks.len() >= 4, "chunks cut by size: {chunks:?}");
+    let mut covered = 0;
+    for (first, last) in &chunks {
+        let bytes: usize = (*first..=*last).filter_map(|s| sizes.get(&s)).sum();
+        covered += last - first + 1;
+        assert!(
+            bytes <= 1000 || first == last,
+            "chunk {first}..={last} holds {bytes} bytes"
+        );
+    }
+    assert_eq!(covered, 10, "every record in exactly one chunk: {chunks:?}");
 }

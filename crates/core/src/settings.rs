@@ -95,6 +95,9 @@ pub struct LoaderSettings {
     pub embedded: EmbeddedLoader,
     pub embedded_interval_secs: u64,
     pub chunk_size: usize,
+    /// Most bytes of staged JSON per chunk (a chunk holds at least one record), so that the
+    /// loader's memory does not grow with the records' size.
+    pub chunk_max_bytes: usize,
 }
 
 impl Settings {
@@ -163,6 +166,9 @@ impl Settings {
         }
         if self.loader.chunk_size == 0 {
             bail!("loader.chunk_size must be at least 1");
+        }
+        if self.loader.chunk_max_bytes == 0 {
+            bail!("loader.chunk_max_bytes must be at least 1");
         }
         Ok(())
     }

@@ -14,6 +14,7 @@ use intake_core::db::{self, DatabaseTarget, DbPool};
 use intake_core::settings::Settings;
 
 use crate::pass::{Event, PassReport, run_pass};
+use crate::queue::ChunkLimits;
 
 #[derive(Parser)]
 #[command(
@@ -101,11 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     match cli.command {
         Command::Run { chunk_size } => {
-            let report = one_pass(
-                &pool,
-                chunk_size.unwrap_or(settings.loader.chunk_size),
-                &stop,
-            )?;
+            let report = one_pass(&pool, chunk_limits(&settings, chunk_size), &stop)?;
             Ok(exit_code(&report))
         }
         Command::Watch {
@@ -114,10 +111,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let interval =
                 interval.unwrap_or(Duration::from_secs(settings.loader.interval_secs.max(1)));
-            let chunk_size = chunk_size.unwrap_or(settings.loader.chunk_size);
+            let limits = chunk_limits(&settings, chunk_size);
             log::info!("watching: a pass every {}s", interval.as_secs());
             while !stop.load(Ordering::Relaxed) {
-                match one_pass(&pool, chunk_size, &stop) {
+                match one_pass(&pool, limits, &stop) {
                     Ok(_) => {}
                     Err(e) => log::error!("pass failed: {e:#}"),
                 }
@@ -144,8 +141,16 @@ fn exit_code(report: &PassReport) -> ExitCode {
     }
 }
 
+/// The chunk limits: `--chunk-size` if given, else `loader.chunk_size`; `loader.chunk_max_bytes`.
+fn chunk_limits(settings: &Settings, chunk_size: Option<usize>) -> ChunkLimits {
+    ChunkLimits {
+        records: chunk_size.unwrap_or(settings.loader.chunk_size).max(1),
+        bytes: settings.loader.chunk_max_bytes,
+    }
+}
+
 /// One pass with a progress bar on a terminal, plain log lines otherwise.
-fn one_pass(pool: &DbPool, chunk_size: usize, stop: &AtomicBool) -> anyhow::Result<PassReport> {
+fn one_pass(pool: &DbPool, limits: ChunkLimits, stop: &AtomicBool) -> anyhow::Result<PassReport> {
     let started = Instant::now();
     let bar = std::io::stderr().is_terminal().then(|| {
         let total = intake_core::staging::pending_counts(&mut pool.get().ok()?)
@@ -161,7 +166,7 @@ fn one_pass(pool: &DbPool, chunk_size: usize, stop: &AtomicBool) -> anyhow::Resu
         Some(bar)
     });
     let bar = bar.flatten();
-    let report = run_pass(pool, chunk_size, stop, &mut |event| match event {
+    let report = run_pass(pool, limits, stop, &mut |event| match event {
         Event::TableStarted { client_id, table } => {
             if let Some(bar) = &bar {
                 bar.set_message(format!("client {client_id} / {table}"));

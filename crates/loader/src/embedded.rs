@@ -7,15 +7,17 @@ use std::time::Duration;
 
 use intake_core::db::DbPool;
 
+use crate::queue::ChunkLimits;
+
 /// Runs a pass every `interval` on a background thread for the life of the process.
-pub fn spawn(pool: DbPool, interval: Duration, chunk_size: usize) -> std::io::Result<()> {
+pub fn spawn(pool: DbPool, interval: Duration, limits: ChunkLimits) -> std::io::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     std::thread::Builder::new()
         .name("intake-embedded-loader".into())
         .spawn(move || {
             loop {
                 std::thread::sleep(interval);
-                match crate::pass::run_pass(&pool, chunk_size, &stop, &mut |_| {}) {
+                match crate::pass::run_pass(&pool, limits, &stop, &mut |_| {}) {
                     Ok(report) => {
                         if report.loaded() + report.rejected() > 0 {
                             log::info!(

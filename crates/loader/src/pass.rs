@@ -12,7 +12,7 @@ use intake_core::db::{DbConn, DbPool};
 
 use crate::catalog::ensure_namespace;
 use crate::load_chunk::{ChunkOutcome, load_chunk, record_rejections};
-use crate::queue::{self, Staged};
+use crate::queue::{self, ChunkLimits, Staged};
 use crate::sql::{BoolRow, Conn, Param, in_transaction};
 
 /// The result of loading one table in a pass.
@@ -70,7 +70,7 @@ pub fn conn_of(db: &mut DbConn) -> Conn<'_> {
 /// Loads everything pending, or stops between chunks once `stop` is set.
 pub fn run_pass(
     pool: &DbPool,
-    chunk_size: usize,
+    limits: ChunkLimits,
     stop: &AtomicBool,
     progress: &mut dyn FnMut(Event<'_>),
 ) -> anyhow::Result<PassReport> {
@@ -102,7 +102,7 @@ pub fn run_pass(
             }
         }
         if result.error.is_none() {
-            load_table(&mut conn, &mut result, chunk_size.max(1), stop, progress);
+            load_table(&mut conn, &mut result, limits, stop, progress);
         }
         progress(Event::TableFinished(&result));
         report.tables.push(result);
@@ -121,13 +121,14 @@ fn prepare_namespace(conn: &mut Conn<'_>, client_id: i64) -> QueryResult<()> {
 enum Step {
     Busy,
     Done,
-    Loaded(ChunkOutcome, usize, i64, i64),
+    /// Outcome, records, first and last sequence, and whether more may be waiting.
+    Loaded(ChunkOutcome, usize, i64, i64, bool),
 }
 
 fn load_table(
     conn: &mut Conn<'_>,
     result: &mut TableReport,
-    chunk_size: usize,
+    limits: ChunkLimits,
     stop: &AtomicBool,
     progress: &mut dyn FnMut(Event<'_>),
 ) {
@@ -141,7 +142,7 @@ fn load_table(
                 return Ok(Step::Busy);
             }
             let reading = std::time::Instant::now();
-            let chunk = queue::read_chunk(c, client_id, &table, chunk_size)?;
+            let (chunk, more) = queue::read_chunk(c, client_id, &table, limits)?;
             log::debug!(
                 "read {} staged records in {:?}",
                 chunk.len(),
@@ -153,7 +154,7 @@ fn load_table(
                 return Ok(Step::Done);
             };
             let outcome = load_chunk(c, client_id, &table, &chunk)?;
-            Ok(Step::Loaded(outcome, chunk.len(), first, last))
+            Ok(Step::Loaded(outcome, chunk.len(), first, last, more))
         });
         match step {
             Ok(Step::Busy) => {
@@ -161,12 +162,12 @@ fn load_table(
                 return;
             }
             Ok(Step::Done) => return,
-            Ok(Step::Loaded(outcome, n, first, last)) => {
+            Ok(Step::Loaded(outcome, n, first, last, more)) => {
                 result.loaded += outcome.loaded;
                 result.rejected += outcome.rejected;
                 progress(Event::Chunk { records: n });
                 log::debug!("client {client_id} table {table}: loaded seq {first}..={last}");
-                if n < chunk_size {
+                if !more {
                     // Caught up; records arriving now wait for the next pass.
                     return;
                 }
@@ -185,7 +186,7 @@ fn load_table(
                 log::warn!(
                     "loading client {client_id} table {table} failed ({e}); isolating the records at fault"
                 );
-                match salvage(conn, client_id, &table, chunk_size, &e.to_string()) {
+                match salvage(conn, client_id, &table, limits, &e.to_string()) {
                     Ok(Some((outcome, n))) => {
                         result.loaded += outcome.loaded;
                         result.rejected += outcome.rejected;
@@ -208,10 +209,10 @@ fn salvage(
     conn: &mut Conn<'_>,
     client_id: i64,
     table: &str,
-    chunk_size: usize,
+    limits: ChunkLimits,
     first_error: &str,
 ) -> QueryResult<Option<(ChunkOutcome, usize)>> {
-    let chunk = queue::read_chunk(conn, client_id, table, chunk_size)?;
+    let (chunk, _) = queue::read_chunk(conn, client_id, table, limits)?;
     let (Some(first), Some(last)) = (chunk.first().map(|s| s.seq), chunk.last().map(|s| s.seq))
     else {
         return Ok(None);

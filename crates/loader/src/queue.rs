@@ -79,6 +79,15 @@ struct StagedRow {
     action: Option<String>,
 }
 
+/// Where a chunk ends, and how many records the count limit alone would have given.
+#[derive(QueryableByName)]
+struct ChunkCut {
+    #[diesel(sql_type = Nullable<BigInt>)]
+    last_seq: Option<i64>,
+    #[diesel(sql_type = BigInt)]
+    available: i64,
+}
+
 /// Every (client, table) with records waiting.
 pub fn pending_tables(conn: &mut Conn<'_>) -> QueryResult<Vec<(i64, String)>> {
     let rows: Vec<PendingTable> = conn.load(
@@ -91,24 +100,84 @@ pub fn pending_tables(conn: &mut Conn<'_>) -> QueryResult<Vec<(i64, String)>> {
         .collect())
 }
 
-/// The oldest `limit` records of a table, in sequence order.
+/// How much one chunk may hold: a number of records, and their total size, so that the
+/// loader's memory stays bounded whatever the records' size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkLimits {
+    pub records: usize,
+    /// Total bytes of the records' JSON text; a chunk always holds at least one record.
+    pub bytes: usize,
+}
+
+/// A table's oldest staged records, in sequence order, within `limits`; and whether more may
+/// be waiting (the chunk was cut by one of the limits).
 pub fn read_chunk(
     conn: &mut Conn<'_>,
     client_id: i64,
     table: &str,
-    limit: usize,
-) -> QueryResult<Vec<Staged>> {
-    read_chunk_where(conn, client_id, table, None, limit)
+    limits: ChunkLimits,
+) -> QueryResult<(Vec<Staged>, bool)> {
+    let (chunk, available) = read_chunk_where(conn, client_id, table, None, limits)?;
+    let more = available >= limits.records.max(1) || available > chunk.len();
+    Ok((chunk, more))
 }
 
+/// Reads records (in `range` if given): the first `limits.records`, then of those the ones
+/// that fit in `limits.bytes` (at least one). Also returns how many the first step found.
 fn read_chunk_where(
     conn: &mut Conn<'_>,
     client_id: i64,
     table: &str,
     range: Option<(i64, i64)>,
-    limit: usize,
-) -> QueryResult<Vec<Staged>> {
+    limits: ChunkLimits,
+) -> QueryResult<(Vec<Staged>, usize)> {
     let d = conn.dialect();
+    let (from, to) = range.unwrap_or((i64::MIN, i64::MAX));
+    let filter = format!(
+        "FROM staged_records WHERE client_id = {} AND table_name = {} AND seq >= {} AND seq <= {} \
+         ORDER BY seq LIMIT {}",
+        d.placeholder(1),
+        d.placeholder(2),
+        d.placeholder(3),
+        d.placeholder(4),
+        d.placeholder(5)
+    );
+    let params = |last: i64| {
+        vec![
+            Param::Int(Some(client_id)),
+            Param::Text(Some(table.to_owned())),
+            Param::Int(Some(from)),
+            Param::Int(Some(last)),
+            Param::Int(Some(limits.records.max(1) as i64)),
+        ]
+    };
+    // First the sizes only: where the byte budget cuts the first `records` rows (running sums
+    // grow, so the rows that fit are a prefix; the first always counts).
+    let mut cut_params = params(to);
+    cut_params.push(Param::Int(Some(
+        i64::try_from(limits.bytes).unwrap_or(i64::MAX),
+    )));
+    let size = match d {
+        Dialect::Postgres => "octet_length(record)",
+        Dialect::Sqlite => "length(CAST(record AS BLOB))",
+    };
+    let cut: Vec<ChunkCut> = conn.load(
+        &format!(
+            "SELECT MAX(CASE WHEN before = 0 OR before + size <= {budget} THEN seq END) AS last_seq, \
+                    COUNT(*) AS available \
+             FROM (SELECT seq, size, SUM(size) OVER (ORDER BY seq) - size AS before \
+                   FROM (SELECT seq, {size} AS size {filter}) AS first_rows) AS sized",
+            budget = d.placeholder(6),
+        ),
+        cut_params,
+    )?;
+    let Some(ChunkCut {
+        last_seq: Some(last),
+        available,
+    }) = cut.into_iter().next()
+    else {
+        return Ok((Vec::new(), 0));
+    };
     let received = match d {
         // Text in one fixed format, so both backends read alike.
         Dialect::Postgres => {
@@ -118,24 +187,13 @@ fn read_chunk_where(
     };
     let rows: Vec<StagedRow> = conn.load(
         &format!(
-            "SELECT seq, {received} AS received_at, record, client_seq, key_names, table_version, action \
-             FROM staged_records \
-             WHERE client_id = {} AND table_name = {} AND seq >= {} AND seq <= {} ORDER BY seq LIMIT {}",
-            d.placeholder(1),
-            d.placeholder(2),
-            d.placeholder(3),
-            d.placeholder(4),
-            d.placeholder(5)
+            "SELECT seq, {received} AS received_at, record, client_seq, key_names, table_version, \
+             action {filter}"
         ),
-        &[
-            Param::Int(Some(client_id)),
-            Param::Text(Some(table.to_owned())),
-            Param::Int(Some(range.map_or(i64::MIN, |r| r.0))),
-            Param::Int(Some(range.map_or(i64::MAX, |r| r.1))),
-            Param::Int(Some(limit as i64)),
-        ],
+        params(last),
     )?;
-    Ok(rows
+    let available = usize::try_from(available).unwrap_or(0);
+    let chunk = rows
         .into_iter()
         .map(|r| Staged {
             seq: r.seq,
@@ -149,7 +207,8 @@ fn read_chunk_where(
                 activate: r.action.as_deref() == Some(intake_core::staging::ACTIVATE_VERSION),
             }),
         })
-        .collect())
+        .collect();
+    Ok((chunk, available))
 }
 
 /// Removes a loaded range of a table's records. Called in the transaction that wrote them.
@@ -186,13 +245,11 @@ pub fn read_range(
     first: i64,
     last: i64,
 ) -> QueryResult<Vec<Staged>> {
-    let mut rows = read_chunk_where(
-        conn,
-        client_id,
-        table,
-        Some((first, last)),
-        (last - first + 1).max(0) as usize,
-    )?;
+    let all = ChunkLimits {
+        records: (last - first + 1).max(0) as usize,
+        bytes: usize::MAX,
+    };
+    let (mut rows, _) = read_chunk_where(conn, client_id, table, Some((first, last)), all)?;
     rows.retain(|s| s.seq >= first && s.seq <= last);
     Ok(rows)
 }

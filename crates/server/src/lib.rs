@@ -99,7 +99,11 @@ pub fn serve(settings: Settings) -> anyhow::Result<()> {
             },
         )?;
         let every = Duration::from_secs(settings.loader.embedded_interval_secs.max(1));
-        intake_loader::embedded::spawn(loader_pool, every, settings.loader.chunk_size)?;
+        let limits = intake_loader::queue::ChunkLimits {
+            records: settings.loader.chunk_size.max(1),
+            bytes: settings.loader.chunk_max_bytes,
+        };
+        intake_loader::embedded::spawn(loader_pool, every, limits)?;
         log::info!(
             "in-process loader: a pass every {}s (loader.embedded)",
             every.as_secs()
