@@ -348,6 +348,19 @@ impl Server {
 
     /// Waits (up to 10 s) until a log line satisfies `matches`, and returns it. Log lines are
     /// read on another thread, so a line about a request can arrive just after its response.
+    /// Fails if any line the server logged so far contains one of `secrets`.
+    #[track_caller]
+    pub fn assert_logs_lack(&self, secrets: &[&str]) {
+        for line in self.logs() {
+            for secret in secrets {
+                assert!(
+                    !line.contains(secret),
+                    "a key's secret reached the log: {line}"
+                );
+            }
+        }
+    }
+
     pub fn wait_for_log(&self, what: &str, matches: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

@@ -7,7 +7,7 @@
 
 use chrono::{DateTime, Utc};
 use diesel::connection::SimpleConnection;
-use diesel::pg::PgConnection;
+use diesel::pg::{Pg, PgConnection};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamptz};
 use diesel::sqlite::{Sqlite, SqliteConnection};
@@ -229,41 +229,40 @@ fn append_table(conn: &mut RawConn<'_>, t: &TableRecords<'_>) -> QueryResult<i64
                    VALUES ($1, $2, $3) \
                    ON CONFLICT (client_id, table_name) DO UPDATE SET last_seq = q.last_seq + EXCLUDED.last_seq \
                    RETURNING q.last_seq), ";
-            let rows: Vec<LastSeq> = if t.meta.is_none() {
-                diesel::sql_query(format!(
-                    "{counter} ins AS ( \
-                       INSERT INTO staged_records (client_id, table_name, seq, received_at, record) \
-                       SELECT $1, $2, s.last_seq - $3 + r.ord, r.at, r.rec \
-                       FROM s, unnest($4::text[], $5::timestamptz[]) WITH ORDINALITY AS r(rec, at, ord)) \
-                     SELECT last_seq FROM s"
-                ))
-                .bind::<BigInt, _>(t.client_id)
-                .bind::<Text, _>(t.table)
-                .bind::<BigInt, _>(count)
-                .bind::<Array<Text>, _>(t.records)
-                .bind::<Array<Timestamptz>, _>(t.times)
-                .load(*c)?
+            // The Stitch columns only when some record has them: RJMetrics pushes, the hot
+            // path, bind nothing more.
+            let (columns, values, arrays, names) = if t.meta.is_some() {
+                (
+                    ", client_seq, key_names, table_version, action",
+                    ", r.cs, r.kn, r.tv, r.act",
+                    ", $6::bigint[], $7::text[], $8::bigint[], $9::text[]",
+                    ", cs, kn, tv, act",
+                )
             } else {
-                diesel::sql_query(format!(
-                    "{counter} ins AS ( \
-                       INSERT INTO staged_records (client_id, table_name, seq, received_at, record, \
-                         client_seq, key_names, table_version, action) \
-                       SELECT $1, $2, s.last_seq - $3 + r.ord, r.at, r.rec, r.cs, r.kn, r.tv, r.act \
-                       FROM s, unnest($4::text[], $5::timestamptz[], $6::bigint[], $7::text[], \
-                         $8::bigint[], $9::text[]) WITH ORDINALITY AS r(rec, at, cs, kn, tv, act, ord)) \
-                     SELECT last_seq FROM s"
-                ))
-                .bind::<BigInt, _>(t.client_id)
-                .bind::<Text, _>(t.table)
-                .bind::<BigInt, _>(count)
-                .bind::<Array<Text>, _>(t.records)
-                .bind::<Array<Timestamptz>, _>(t.times)
-                .bind::<Array<Nullable<BigInt>>, _>(t.client_seqs())
-                .bind::<Array<Nullable<Text>>, _>(t.key_names())
-                .bind::<Array<Nullable<BigInt>>, _>(t.versions())
-                .bind::<Array<Nullable<Text>>, _>(t.actions())
-                .load(*c)?
+                ("", "", "", "")
             };
+            let mut query = diesel::sql_query(format!(
+                "{counter} ins AS ( \
+                   INSERT INTO staged_records (client_id, table_name, seq, received_at, record{columns}) \
+                   SELECT $1, $2, s.last_seq - $3 + r.ord, r.at, r.rec{values} \
+                   FROM s, unnest($4::text[], $5::timestamptz[]{arrays}) \
+                     WITH ORDINALITY AS r(rec, at{names}, ord)) \
+                 SELECT last_seq FROM s"
+            ))
+            .into_boxed::<Pg>()
+            .bind::<BigInt, _>(t.client_id)
+            .bind::<Text, _>(t.table)
+            .bind::<BigInt, _>(count)
+            .bind::<Array<Text>, _>(t.records)
+            .bind::<Array<Timestamptz>, _>(t.times);
+            if t.meta.is_some() {
+                query = query
+                    .bind::<Array<Nullable<BigInt>>, _>(t.client_seqs())
+                    .bind::<Array<Nullable<Text>>, _>(t.key_names())
+                    .bind::<Array<Nullable<BigInt>>, _>(t.versions())
+                    .bind::<Array<Nullable<Text>>, _>(t.actions());
+            }
+            let rows: Vec<LastSeq> = query.load(*c)?;
             rows.first()
                 .map(|r| r.last_seq)
                 .ok_or(diesel::result::Error::NotFound)

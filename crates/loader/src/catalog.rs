@@ -497,7 +497,8 @@ struct ColumnName {
 }
 
 /// Root tables checked for the Stitch system columns by this process.
-static UPGRADED: std::sync::Mutex<Vec<(i64, String)>> = std::sync::Mutex::new(Vec::new());
+static UPGRADED: std::sync::Mutex<std::collections::BTreeSet<(i64, String)>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
 
 impl Catalog {
     /// Root tables created before the Stitch protocol lack its system columns
@@ -546,7 +547,7 @@ impl Catalog {
         // Only a table found complete is remembered: columns added here roll back with the
         // chunk if it fails, and must then be added again.
         if complete {
-            checked().push(id);
+            checked().insert(id);
         }
         Ok(())
     }

@@ -26,14 +26,18 @@ pub async fn alive() -> HttpResponse {
 }
 
 pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    match state.gate.run(intake_core::db::ping).await {
-        Ok(()) => Ok(HttpResponse::Ok().json(json!({"status": "ready"}))),
-        Err(e) => {
-            log::warn!("readiness check failed: {e}");
-            Err(ApiError {
-                message: "not ready: the database is unreachable".into(),
-                ..state.unavailable()
-            })
+    database_reachable(&state, "not ready: the database is unreachable").await?;
+    Ok(HttpResponse::Ok().json(json!({"status": "ready"})))
+}
+
+/// Pings the database through the gate; a 503 with Retry-After and `message` if it does not
+/// answer. Shared by `/ready` and Stitch's `/v2/import/status`.
+pub async fn database_reachable(state: &AppState, message: &str) -> Result<(), ApiError> {
+    state.gate.run(intake_core::db::ping).await.map_err(|e| {
+        log::warn!("database check failed: {e}");
+        ApiError {
+            message: message.to_owned(),
+            ..state.unavailable()
         }
-    }
+    })
 }

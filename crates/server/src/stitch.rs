@@ -9,6 +9,7 @@ use crate::access_log::RecordCount;
 use crate::app::AppState;
 use crate::errors::{ApiError, error_answer};
 use crate::group_commit::JobPart;
+use crate::health;
 use crate::ingest::{check_content_type, read_body, verified_client};
 use crate::stitch_body::{self, Limits, MARKER_TEXT, Parts, Problem, Refusal};
 
@@ -84,16 +85,8 @@ impl ResponseError for StitchError {
 
 /// `GET /v2/import/status`: 200 while the database answers, 503 otherwise.
 pub async fn status(state: web::Data<AppState>) -> Result<HttpResponse, StitchError> {
-    match state.gate.run(intake_core::db::ping).await {
-        Ok(()) => Ok(HttpResponse::Ok().json(json!({"status": "OK"}))),
-        Err(e) => {
-            log::warn!("import status check failed: {e}");
-            Err(StitchError {
-                message: "the database is unreachable".into(),
-                ..ApiError::unavailable(state.settings.server.retry_after_secs).into()
-            })
-        }
-    }
+    health::database_reachable(&state, "the database is unreachable").await?;
+    Ok(HttpResponse::Ok().json(json!({"status": "OK"})))
 }
 
 /// Which body a request carries.
