@@ -158,14 +158,7 @@ fn api_keys_never_reach_the_logs_but_every_request_does(backend: Backend) {
 
 fn an_unreachable_database_answers_503_quickly(backend: Backend) {
     let db = TestDb::unreachable(backend);
-    let server = Server::start(
-        &db,
-        &[
-            ("INTAKE__DATABASE__MIGRATE_ON_START", "false"),
-            ("INTAKE__DATABASE__CHECKOUT_TIMEOUT_MS", "500"),
-            ("INTAKE__SERVER__RETRY_AFTER_SECS", "3"),
-        ],
-    );
+    let server = Server::start_unreachable(&db);
     let quick = Duration::from_secs(5);
     let timed = |what: &str, request: &dyn Fn() -> Reply| {
         let started = Instant::now();

@@ -236,14 +236,7 @@ fn status_answers_ok_without_a_key(backend: Backend) {
 /// tests/operations.rs does), so the 503 can be seen from outside.
 fn status_answers_503_with_retry_after_when_the_database_is_down(backend: Backend) {
     let db = TestDb::unreachable(backend);
-    let server = Server::start(
-        &db,
-        &[
-            ("INTAKE__DATABASE__MIGRATE_ON_START", "false"),
-            ("INTAKE__DATABASE__CHECKOUT_TIMEOUT_MS", "500"),
-            ("INTAKE__SERVER__RETRY_AFTER_SECS", "3"),
-        ],
-    );
+    let server = Server::start_unreachable(&db);
     let timed = |what: &str, request: &dyn Fn() -> Reply| {
         let started = Instant::now();
         let reply = request();

@@ -348,6 +348,20 @@ impl Server {
 
     /// Waits (up to 10 s) until a log line satisfies `matches`, and returns it. Log lines are
     /// read on another thread, so a line about a request can arrive just after its response.
+    /// A server on a database that is not reachable (see [`TestDb::unreachable`]): it is told
+    /// not to migrate, so it starts, and to give up on the database after 500 ms; `Retry-After`
+    /// is 3 s, so that tests can tell it from the default.
+    pub fn start_unreachable(db: &TestDb) -> Server {
+        Server::start(
+            db,
+            &[
+                ("INTAKE__DATABASE__MIGRATE_ON_START", "false"),
+                ("INTAKE__DATABASE__CHECKOUT_TIMEOUT_MS", "500"),
+                ("INTAKE__SERVER__RETRY_AFTER_SECS", "3"),
+            ],
+        )
+    }
+
     /// Fails if any line the server logged so far contains one of `secrets`.
     #[track_caller]
     pub fn assert_logs_lack(&self, secrets: &[&str]) {
