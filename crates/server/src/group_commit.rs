@@ -6,6 +6,7 @@
 //! answer every job. A 201 still means "committed"; under load many requests ride on the same
 //! commit instead of queueing for the same per-table counter row one by one.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,28 @@ pub struct Job {
     /// When the request stops waiting; a writer skips a job whose deadline has passed.
     deadline: Instant,
     reply: oneshot::Sender<Result<Vec<SeqRange>, String>>,
+    /// Who decides the job's fate, the writer or the waiting request (see [`Claim`]).
+    claim: Arc<AtomicU8>,
+}
+
+/// The states of [`Job::claim`]. A writer moves a waiting job to `TAKEN` just before its
+/// transaction; a request whose deadline passes moves it to `ABANDONED` and answers 503. Only
+/// one of the two moves can succeed, so a 503 always means "not stored": a request whose job
+/// was taken waits for the commit's outcome, which the database's own time limits (set from
+/// the deadline) keep short.
+struct Claim;
+
+impl Claim {
+    const WAITING: u8 = 0;
+    const TAKEN: u8 = 1;
+    const ABANDONED: u8 = 2;
+
+    /// Moves a waiting job to `to`; false if the other side got there first.
+    fn settle(claim: &AtomicU8, to: u8) -> bool {
+        claim
+            .compare_exchange(Claim::WAITING, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
 }
 
 /// One table's records of a job.
@@ -67,8 +90,9 @@ pub struct GroupCommitter {
 
 impl GroupCommitter {
     /// Starts `writers` writer threads. The queue holds at most `2 × writers` jobs, so memory
-    /// stays bounded; a request whose commit has not completed within `wait` (queueing, a
-    /// connection and the transaction together) is refused (503).
+    /// stays bounded; a request whose transaction has not started within `wait` (queueing and
+    /// a connection) is refused (503), and one whose transaction has started gets its outcome,
+    /// which the database's time limits, set from the same deadline, keep within about `wait`.
     pub fn start(pool: DbPool, writers: usize, wait: Duration) -> std::io::Result<GroupCommitter> {
         let writers = writers.max(1);
         let (queue, receiver) = mpsc::channel::<Job>(writers * 2);
@@ -115,8 +139,9 @@ impl GroupCommitter {
         body: String,
         parts: Vec<JobPart>,
     ) -> Result<Vec<SeqRange>, CommitError> {
-        let (reply, answer) = oneshot::channel();
+        let (reply, mut answer) = oneshot::channel();
         let deadline = Instant::now() + self.wait;
+        let claim = Arc::new(AtomicU8::new(Claim::WAITING));
         let job = Job {
             client_id,
             received_at,
@@ -124,20 +149,27 @@ impl GroupCommitter {
             parts,
             deadline,
             reply,
+            claim: claim.clone(),
         };
         let deadline = tokio::time::Instant::from_std(deadline);
         tokio::time::timeout_at(deadline, self.queue.send(job))
             .await
             .map_err(|_| CommitError::Busy)?
             .map_err(|_| CommitError::Failed("the commit writers have stopped".into()))?;
-        // If the deadline passes while a writer is committing, the records may still be
-        // committed after this request was answered 503: a retry then stores them again,
-        // which the loader's upsert by key makes harmless.
-        match tokio::time::timeout_at(deadline, answer).await {
-            Err(_) => Err(CommitError::Busy),
-            Ok(Ok(Ok(range))) => Ok(range),
-            Ok(Ok(Err(e))) => Err(CommitError::Failed(e)),
-            Ok(Err(_)) => Err(CommitError::Failed("the commit writer went away".into())),
+        let outcome = match tokio::time::timeout_at(deadline, &mut answer).await {
+            Ok(outcome) => outcome,
+            // Past the deadline: refuse, unless a writer has taken the job, whose outcome
+            // (commit or rollback) is then the answer.
+            Err(_) if Claim::settle(&claim, Claim::ABANDONED) => return Err(CommitError::Busy),
+            Err(_) if claim.load(Ordering::Acquire) == Claim::ABANDONED => {
+                return Err(CommitError::Busy);
+            }
+            Err(_) => answer.await,
+        };
+        match outcome {
+            Ok(Ok(range)) => Ok(range),
+            Ok(Err(e)) => Err(CommitError::Failed(e)),
+            Err(_) => Err(CommitError::Failed("the commit writer went away".into())),
         }
     }
 }
@@ -198,6 +230,15 @@ fn writer_loop(pool: &DbPool, receiver: &Mutex<mpsc::Receiver<Job>>) {
             drop_expired_now(group);
             continue;
         }
+        // From here each request waits for this transaction's outcome; those that already
+        // gave up are left out.
+        let group: Vec<Job> = group
+            .into_iter()
+            .filter(|job| Claim::settle(&job.claim, Claim::TAKEN))
+            .collect();
+        if group.is_empty() {
+            continue;
+        }
         match write_group(&mut conn, &group, budget) {
             Ok(mut ranges) => {
                 for job in group.into_iter().rev() {
@@ -220,17 +261,14 @@ fn drop_expired(group: Vec<Job>) -> Vec<Job> {
     let now = Instant::now();
     let (live, expired): (Vec<Job>, Vec<Job>) =
         group.into_iter().partition(|job| job.deadline > now);
-    for job in expired {
-        let _ = job
-            .reply
-            .send(Err("the request's deadline passed before its write".into()));
-    }
+    drop_expired_now(expired);
     live
 }
 
-/// Answers every job as past its deadline.
+/// Answers every job as past its deadline, and makes sure no writer takes it.
 fn drop_expired_now(group: Vec<Job>) {
     for job in group {
+        Claim::settle(&job.claim, Claim::ABANDONED);
         let _ = job
             .reply
             .send(Err("the request's deadline passed before its write".into()));
