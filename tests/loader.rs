@@ -12,12 +12,14 @@ use diesel::sql_types::{BigInt, Double, Nullable, Text};
 use serde_json::{Value, json};
 use support::{
     Backend, DbConnection, LoaderProcess, Server, TestDb, both_backends, column_types,
-    declared_type, issue_key, load, loader_status, poll, primary_key, run_loader, sql_literal,
-    staged_rows, staged_times, table_ref, warehouse_columns, warehouse_count, warehouse_rows,
-    warehouse_tables,
+    declared_type, issue_key, load, loader_status, poll, primary_key, run_cli, run_loader,
+    sql_literal, staged_rows, staged_times, table_ref, warehouse_columns, warehouse_count,
+    warehouse_rows, warehouse_tables,
 };
 
 both_backends!(
+    a_large_chunk_loads_alike_with_one_writer_or_two,
+    a_database_error_in_a_shared_chunk_rejects_only_the_record_at_fault,
     a_chunk_holds_no_more_bytes_than_configured,
     child_rows_left_by_a_root_deleted_by_hand_do_not_block_its_next_version,
     a_nested_record_becomes_typed_columns,
@@ -2491,4 +2493,185 @@ fn a_chunk_holds_no_more_bytes_than_configured(backend: Backend) {
         );
     }
     assert_eq!(covered, 10, "every record in exactly one chunk: {chunks:?}");
+}
+
+/// 3,000 order records over 2,200 keys: later versions of 800 keys change their fields and
+/// grow, shrink or drop their arrays. Deterministic.
+fn many_versions() -> Vec<Value> {
+    (0..3000i64)
+        .map(|i| {
+            let (id, version) = if i < 2200 {
+                (i + 1, 0)
+            } else {
+                ((i * 7) % 2200 + 1, 1)
+            };
+            let items: Vec<Value> = (0..(id + version) % 4)
+                .map(|n| json!({"sku": format!("S{id}-{n}-{version}"), "qty": n + version}))
+                .collect();
+            let mut record = json!({
+                "id": id, "keys": ["id"], "version": version,
+                "customer": {"name": format!("c{}", id % 97), "vip": id % 5 == 0},
+                "items": items,
+            });
+            if (id + version) % 3 == 0 {
+                record["tags"] = json!([format!("t{version}"), "x"]);
+            }
+            record
+        })
+        .collect()
+}
+
+/// A table's rows without the load and receive times, which differ between two loads.
+fn rows_as_loaded(db: &TestDb, table: &str, order_by: &str) -> Vec<Value> {
+    rows(db, table, order_by)
+        .into_iter()
+        .map(|mut r| {
+            if let Some(fields) = r.as_object_mut() {
+                fields.remove("_intake_loaded_at");
+                fields.remove("_intake_received_at");
+            }
+            r
+        })
+        .collect()
+}
+
+/// `loader.writers`: on PostgreSQL a chunk's keys are shared between connections that write
+/// at once, each in its own transaction. The warehouse must come out exactly as one writer
+/// leaves it, and every record must be accounted for once.
+fn a_large_chunk_loads_alike_with_one_writer_or_two(backend: Backend) {
+    let records = many_versions();
+    let mut loaded = Vec::new();
+    for writers in ["1", "2"] {
+        let db = TestDb::new(backend);
+        let (server, key) = start(&db);
+        // The first records make the tables and columns: a chunk that changes the schema is
+        // written by one connection, as the others could not see the change yet.
+        push(&server, &key, "orders", &records[..10]);
+        load(&db);
+        for part in records[10..].chunks(1000) {
+            push(&server, &key, "orders", part);
+        }
+        run_cli(
+            env!("CARGO_BIN_EXE_intake-loader"),
+            &db,
+            &["run"],
+            &[("INTAKE__LOADER__WRITERS", writers)],
+        )
+        .assert_success();
+        assert_staging_empty(&db);
+        let history = rows(&db, "_intake_load_history", "\"id\"");
+        let loaded_records: i64 = history
+            .iter()
+            .map(|h| h["records_loaded"].as_i64().unwrap_or(0))
+            .sum();
+        assert_eq!(loaded_records, 3000, "{history:#?}");
+        // One history row per transaction: the shares of a chunk are noted apart.
+        let expected_rows = if writers == "2" && backend == Backend::Postgres {
+            3
+        } else {
+            2
+        };
+        assert_eq!(history.len(), expected_rows, "{history:#?}");
+        loaded.push((
+            rows_as_loaded(&db, "orders", "\"id\""),
+            rows_as_loaded(
+                &db,
+                "orders__items",
+                "\"_intake_root_id\", \"_intake_pos_0\"",
+            ),
+            rows_as_loaded(
+                &db,
+                "orders__tags",
+                "\"_intake_root_id\", \"_intake_pos_0\"",
+            ),
+        ));
+    }
+    let (orders, items, tags) = &loaded[0];
+    assert_eq!(orders.len(), 2200);
+    // The newest version of every key, with exactly its own child rows.
+    let newest: BTreeMap<i64, &Value> = records
+        .iter()
+        .map(|r| (r["id"].as_i64().unwrap_or(0), r))
+        .collect();
+    for row in orders {
+        let record = newest[&row["id"].as_i64().unwrap_or(0)];
+        assert_eq!(row["version"], record["version"], "{row}");
+    }
+    let expected_items: usize = newest
+        .values()
+        .map(|r| r["items"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(items.len(), expected_items);
+    let expected_tags: usize = newest
+        .values()
+        .map(|r| r["tags"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(tags.len(), expected_tags);
+    assert!(
+        loaded[0] == loaded[1],
+        "one writer and two leave different tables"
+    );
+}
+
+/// A record the database refuses, in a chunk written by two connections at once: only that
+/// record is rejected, whichever share it fell in; the other share's rows are loaded once.
+fn a_database_error_in_a_shared_chunk_rejects_only_the_record_at_fault(backend: Backend) {
+    let db = TestDb::new(backend);
+    let (server, key) = start(&db);
+    // Tables and columns first: a chunk that changes the schema is written by one connection.
+    push(
+        &server,
+        &key,
+        "orders",
+        &[json!({"id": 0, "keys": ["id"], "n": 0, "items": [0]})],
+    );
+    load(&db);
+    let orders = table_ref(backend, CLIENT, "orders");
+    DbConnection::open(&db).execute(&match backend {
+        Backend::Postgres => {
+            format!("ALTER TABLE {orders} ADD CONSTRAINT n_below_1000 CHECK (n < 1000)")
+        }
+        Backend::Sqlite => format!(
+            "CREATE TRIGGER n_below_1000 BEFORE INSERT ON {orders} WHEN NEW.n >= 1000 \
+             BEGIN SELECT RAISE(ABORT, 'n_below_1000 violated'); END"
+        ),
+    });
+    let records: Vec<Value> = (1..=1500)
+        .map(|id| {
+            let n = if id == 777 { 5000 } else { id % 1000 };
+            json!({"id": id, "keys": ["id"], "n": n, "items": [id, -id]})
+        })
+        .collect();
+    push(&server, &key, "orders", &records);
+    load(&db);
+    assert_staging_empty(&db);
+
+    let ids: Vec<i64> = rows(&db, "orders", "\"id\"")
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap_or(-1))
+        .collect();
+    let expected: Vec<i64> = (0..=1500).filter(|id| *id != 777).collect();
+    assert_eq!(ids, expected);
+    assert_eq!(
+        warehouse_count(&db, CLIENT, "orders__items"),
+        1 + 2 * 1499,
+        "child rows of every loaded record, once"
+    );
+    let rejected = rows(&db, "_intake_rejected", "\"seq\"");
+    assert_eq!(rejected.len(), 1, "{rejected:#?}");
+    assert!(
+        rejected[0]["record"]
+            .as_str()
+            .is_some_and(|r| r.contains("\"id\":777")),
+        "{rejected:#?}"
+    );
+    let history = rows(&db, "_intake_load_history", "\"id\"");
+    let sum = |f: &str| {
+        history
+            .iter()
+            .map(|h| h[f].as_i64().unwrap_or(0))
+            .sum::<i64>()
+    };
+    assert_eq!(sum("records_loaded"), 1 + 1499, "{history:#?}");
+    assert_eq!(sum("records_rejected"), 1, "{history:#?}");
 }

@@ -51,6 +51,9 @@ enum Scenario {
         /// Records per loader chunk.
         #[arg(long, default_value_t = 5000)]
         chunk_size: usize,
+        /// PostgreSQL connections writing each chunk (loader.writers).
+        #[arg(long, default_value_t = 2)]
+        writers: usize,
     },
     /// HTTP pushes of 100-record requests at a fixed concurrency, counting only 201s, against
     /// COPY (PostgreSQL) or one bulk transaction (SQLite) of the same records.
@@ -94,11 +97,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             backend,
             records,
             chunk_size,
+            writers,
         } => {
             print_machine();
             for b in [Backend::Postgres, Backend::Sqlite] {
                 if backend == b || backend == Backend::Both {
-                    load_scenario(b, records, chunk_size)?;
+                    load_scenario(b, records, chunk_size, writers)?;
                 }
             }
             Ok(())
@@ -150,7 +154,12 @@ fn print_machine() {
 const CLIENT: i64 = 1;
 const TABLE: &str = "orders";
 
-fn load_scenario(backend: Backend, records: usize, chunk_size: usize) -> anyhow::Result<()> {
+fn load_scenario(
+    backend: Backend,
+    records: usize,
+    chunk_size: usize,
+    writers: usize,
+) -> anyhow::Result<()> {
     let name = if backend == Backend::Postgres {
         "PostgreSQL"
     } else {
@@ -183,7 +192,7 @@ fn load_scenario(backend: Backend, records: usize, chunk_size: usize) -> anyhow:
         "CREATE TABLE bench_source AS SELECT * FROM staged_records",
     )?;
     println!(
-        "\nload on {name}: {staged} records staged ({} bytes a record on average), chunk {chunk_size}",
+        "\nload on {name}: {staged} records staged ({} bytes a record on average), chunk {chunk_size}, {writers} writers",
         bytes / staged.max(1)
     );
 
@@ -193,6 +202,7 @@ fn load_scenario(backend: Backend, records: usize, chunk_size: usize) -> anyhow:
         .arg("run")
         .env("DATABASE_URL", db.url())
         .env("INTAKE__LOADER__CHUNK_SIZE", chunk_size.to_string())
+        .env("INTAKE__LOADER__WRITERS", writers.to_string())
         .env(
             "RUST_LOG",
             std::env::var("INTAKE_BENCH_LOADER_LOG").unwrap_or_else(|_| "warn".into()),

@@ -157,10 +157,19 @@ impl DbPool {
     /// A one-connection pool for command-line tools: no spare connections are opened in the
     /// background, so nothing is mid-handshake when the process exits.
     pub fn single(target: &DatabaseTarget, settings: &DatabaseSettings) -> anyhow::Result<DbPool> {
+        DbPool::sized(target, settings, 1)
+    }
+
+    /// A pool of exactly `size` connections, for a tool that knows how many it uses at once.
+    pub fn sized(
+        target: &DatabaseTarget,
+        settings: &DatabaseSettings,
+        size: u32,
+    ) -> anyhow::Result<DbPool> {
         DbPool::new(
             target,
             &DatabaseSettings {
-                pool_size: 1,
+                pool_size: size.max(1),
                 ..settings.clone()
             },
         )

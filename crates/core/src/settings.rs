@@ -98,6 +98,10 @@ pub struct LoaderSettings {
     /// Most bytes of staged JSON per chunk (a chunk holds at least one record), so that the
     /// loader's memory does not grow with the records' size.
     pub chunk_max_bytes: usize,
+    /// Database connections that write one chunk at once, each in its own transaction with
+    /// its share of the chunk's keys (PostgreSQL only; SQLite has one writer). On a 2-core
+    /// machine the database, not the loader, is the bottleneck, and one connection uses one core.
+    pub writers: usize,
 }
 
 impl Settings {
@@ -166,6 +170,9 @@ impl Settings {
         }
         if self.loader.chunk_size == 0 {
             bail!("loader.chunk_size must be at least 1");
+        }
+        if !(1..=16).contains(&self.loader.writers) {
+            bail!("loader.writers must be between 1 and 16");
         }
         if self.loader.chunk_max_bytes == 0 {
             bail!("loader.chunk_max_bytes must be at least 1");

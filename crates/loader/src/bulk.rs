@@ -45,11 +45,10 @@ pub fn insert_rows(
     let names: Vec<String> = columns.iter().map(|(n, _)| quote(n)).collect();
     match conn.dialect() {
         Dialect::Postgres => {
-            let mut params = Vec::with_capacity(columns.len());
+            let params = column_arrays(rows, columns);
             let mut sources = Vec::with_capacity(columns.len());
             let mut selects = Vec::with_capacity(columns.len());
             for (i, (_, t)) in columns.iter().enumerate() {
-                params.push(column_array(&rows, i, *t));
                 let array_type = match t {
                     ColType::Json => "text".to_owned(),
                     other => Dialect::Postgres.sql_type(*other).to_owned(),
@@ -77,15 +76,15 @@ pub fn insert_rows(
             let mut rows = rows.into_iter().peekable();
             while rows.peek().is_some() {
                 let chunk: Vec<Vec<Val>> = rows.by_ref().take(per_statement).collect();
-                let mut params = Vec::with_capacity(chunk.len() * columns.len());
-                for row in chunk.iter() {
-                    params.extend(row.iter().map(scalar_param));
-                }
                 let sql = format!(
                     "INSERT INTO {table_ref} AS t ({}) VALUES {} {tail}",
                     names.join(", "),
                     vec![one_row.as_str(); chunk.len()].join(", ")
                 );
+                let mut params = Vec::with_capacity(chunk.len() * columns.len());
+                for row in chunk {
+                    params.extend(row.into_iter().map(scalar_param));
+                }
                 returned.extend(run(conn, &sql, params, returning)?);
             }
             Ok(returned)
@@ -110,25 +109,40 @@ fn run(
     }
 }
 
-fn scalar_param(v: &Val) -> Param {
+fn scalar_param(v: Val) -> Param {
     match v {
         Val::Null => Param::Text(None),
-        Val::Int(i) => Param::Int(Some(*i)),
-        Val::Float(f) => Param::Float(Some(*f)),
-        Val::Bool(b) => Param::Bool(Some(*b)),
-        Val::Text(s) | Val::Json(s) => Param::Text(Some(s.clone())),
-        Val::Time(t) => Param::Time(Some(*t)),
+        Val::Int(i) => Param::Int(Some(i)),
+        Val::Float(f) => Param::Float(Some(f)),
+        Val::Bool(b) => Param::Bool(Some(b)),
+        Val::Text(s) | Val::Json(s) => Param::Text(Some(s)),
+        Val::Time(t) => Param::Time(Some(t)),
     }
 }
 
-/// Column `i` of all rows as one typed array.
-fn column_array(rows: &[Vec<Val>], i: usize, t: ColType) -> Param {
-    typed_array(rows.iter().map(|r| r.get(i).unwrap_or(&Val::Null)), t)
+/// The rows' values as one typed array per column, moved, not copied: text is most of a
+/// chunk's bytes.
+fn column_arrays(rows: Vec<Vec<Val>>, columns: &[(String, ColType)]) -> Vec<Param> {
+    let mut by_column: Vec<Vec<Val>> = columns
+        .iter()
+        .map(|_| Vec::with_capacity(rows.len()))
+        .collect();
+    for row in rows {
+        let mut values = row.into_iter();
+        for column in by_column.iter_mut() {
+            column.push(values.next().unwrap_or(Val::Null));
+        }
+    }
+    by_column
+        .into_iter()
+        .zip(columns)
+        .map(|(values, (_, t))| typed_array(values, *t))
+        .collect()
 }
 
 /// A list of values as one typed array parameter.
-pub fn column_param(values: &[Val], t: ColType) -> Param {
-    typed_array(values.iter(), t)
+pub fn column_param(values: Vec<Val>, t: ColType) -> Param {
+    typed_array(values, t)
 }
 
 /// A key value as JSON (SQLite reads key lists with json_each).
@@ -147,38 +161,33 @@ pub fn key_json(v: &Val) -> serde_json::Value {
 
 /// A value of the wrong type for the column is a bug upstream; it becomes NULL rather than a
 /// panic.
-fn typed_array<'a>(values: impl Iterator<Item = &'a Val>, t: ColType) -> Param {
+fn typed_array(values: Vec<Val>, t: ColType) -> Param {
+    let values = values.into_iter();
     match t {
         ColType::BigInt => Param::IntArray(
             values
-                .map(|v| if let Val::Int(x) = v { Some(*x) } else { None })
+                .map(|v| if let Val::Int(x) = v { Some(x) } else { None })
                 .collect(),
         ),
         ColType::Double => Param::FloatArray(
             values
-                .map(|v| {
-                    if let Val::Float(x) = v {
-                        Some(*x)
-                    } else {
-                        None
-                    }
-                })
+                .map(|v| if let Val::Float(x) = v { Some(x) } else { None })
                 .collect(),
         ),
         ColType::Boolean => Param::BoolArray(
             values
-                .map(|v| if let Val::Bool(x) = v { Some(*x) } else { None })
+                .map(|v| if let Val::Bool(x) = v { Some(x) } else { None })
                 .collect(),
         ),
         ColType::Timestamp => Param::TimeArray(
             values
-                .map(|v| if let Val::Time(x) = v { Some(*x) } else { None })
+                .map(|v| if let Val::Time(x) = v { Some(x) } else { None })
                 .collect(),
         ),
         ColType::Text | ColType::Json => Param::TextArray(
             values
                 .map(|v| match v {
-                    Val::Text(s) | Val::Json(s) => Some(s.clone()),
+                    Val::Text(s) | Val::Json(s) => Some(s),
                     _ => None,
                 })
                 .collect(),

@@ -105,6 +105,12 @@ pub struct PendingDdl {
     pub new_columns: Vec<NewColumn>,
 }
 
+impl PendingDdl {
+    pub fn is_empty(&self) -> bool {
+        self.new_tables.is_empty() && self.new_columns.is_empty()
+    }
+}
+
 /// A catalog entry to record, and the column to add if it is a new one.
 #[derive(Debug)]
 pub struct NewColumn {
@@ -503,15 +509,15 @@ static UPGRADED: std::sync::Mutex<std::collections::BTreeSet<(i64, String)>> =
 impl Catalog {
     /// Root tables created before the Stitch protocol lack its system columns
     /// ([`CLIENT_SEQ_COLUMN`], [`VERSION_COLUMN`]): adds them. Looked at once per table per
-    /// process, so a chunk costs nothing after the first.
-    pub fn upgrade_root(&self, conn: &mut Conn<'_>) -> QueryResult<()> {
+    /// process, so a chunk costs nothing after the first. Returns whether it altered the table.
+    pub fn upgrade_root(&self, conn: &mut Conn<'_>) -> QueryResult<bool> {
         let Some(root) = self.tables.get(EMPTY_PATH).filter(|r| r.exists) else {
-            return Ok(());
+            return Ok(false);
         };
         let id = (self.client_id, root.name.clone());
         let checked = || UPGRADED.lock().unwrap_or_else(|p| p.into_inner());
         if checked().contains(&id) {
-            return Ok(());
+            return Ok(false);
         }
         let d = self.dialect;
         let present: Vec<ColumnName> = match d {
@@ -549,7 +555,7 @@ impl Catalog {
         if complete {
             checked().insert(id);
         }
-        Ok(())
+        Ok(!complete)
     }
 }
 

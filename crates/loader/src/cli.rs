@@ -95,7 +95,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if settings.database.migrate_on_start {
         db::run_migrations(&target, &settings.database)?;
     }
-    let pool = DbPool::single(&target, &settings.database)?;
+    // One connection per writer of a chunk (see `loader.writers`).
+    let pool = DbPool::sized(&target, &settings.database, settings.loader.writers as u32)?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
@@ -146,6 +147,7 @@ fn chunk_limits(settings: &Settings, chunk_size: Option<usize>) -> ChunkLimits {
     ChunkLimits {
         records: chunk_size.unwrap_or(settings.loader.chunk_size).max(1),
         bytes: settings.loader.chunk_max_bytes,
+        writers: settings.loader.writers,
     }
 }
 

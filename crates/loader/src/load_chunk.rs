@@ -19,7 +19,7 @@ use crate::flatten::{EMPTY_PATH, FlatRecord, flatten_with_keys, path_key, path_s
 use crate::identifiers::quote;
 use crate::queue::{self, Staged};
 use crate::schema_types::SchemaTypes;
-use crate::sql::{Conn, Param};
+use crate::sql::{Conn, Param, in_transaction};
 use crate::value_types::{Cell, ColType};
 
 /// What one chunk did.
@@ -68,15 +68,25 @@ impl TableRows {
     }
 }
 
-/// Loads `chunk` (in sequence order) for one table. Runs in the caller's transaction.
+/// Loads `chunk` (in sequence order) for one table. Runs in the caller's transaction;
+/// `helpers` (idle connections, PostgreSQL) may each write a share of a large chunk in a
+/// transaction of their own (see [`write_in_parallel`]).
 /// An activate_version marker splits the chunk: the records before it are loaded, then the
 /// table's older versions are removed, then the records after it are loaded.
 pub fn load_chunk(
     conn: &mut Conn<'_>,
+    helpers: &mut [Conn<'_>],
     client_id: i64,
     table: &str,
     chunk: &[Staged],
 ) -> QueryResult<ChunkOutcome> {
+    // A marker's deletes hold row locks in the caller's transaction that a helper could wait
+    // on while the caller waits for the helper: such a chunk is written by one connection.
+    let helpers = if chunk.iter().any(Staged::is_activation) {
+        &mut []
+    } else {
+        helpers
+    };
     let mut outcome = ChunkOutcome::default();
     let mut rest = chunk;
     while !rest.is_empty() {
@@ -87,7 +97,7 @@ pub fn load_chunk(
             continue;
         }
         let (records, after) = rest.split_at(split.unwrap_or(rest.len()));
-        let done = load_records(conn, client_id, table, records)?;
+        let done = load_records(conn, helpers, client_id, table, records)?;
         outcome.loaded += done.loaded;
         outcome.rejected += done.rejected;
         rest = after;
@@ -149,6 +159,7 @@ fn activate_version(
 /// Loads records (no activate_version markers among them).
 fn load_records(
     conn: &mut Conn<'_>,
+    helpers: &mut [Conn<'_>],
     client_id: i64,
     table: &str,
     chunk: &[Staged],
@@ -157,7 +168,7 @@ fn load_records(
     let started_at = intake_core::timestamps::now();
     let dialect = conn.dialect();
     let mut catalog = Catalog::load(conn, client_id, table)?;
-    catalog.upgrade_root(conn)?;
+    let upgraded = catalog.upgrade_root(conn)?;
     let declared = if chunk.iter().any(|s| s.stitch.is_some()) {
         SchemaTypes::load(conn, client_id, table)?
     } else {
@@ -203,10 +214,15 @@ fn load_records(
     }
     let t_flatten = started.elapsed();
 
-    // Newest record per key wins within the chunk (see `Staged::supersedes`).
+    // Newest record per key wins within the chunk (see `Staged::supersedes`). Every key
+    // belongs to one share of the chunk.
+    let shares = share_count(dialect, helpers.len(), accepted.len());
+    let mut share_of: Vec<usize> = Vec::with_capacity(accepted.len());
     let mut newest: FxHashMap<String, usize> = FxHashMap::default();
     for (i, a) in accepted.iter().enumerate() {
-        let best = newest.entry(format!("{:?}", a.key_values)).or_insert(i);
+        let key = format!("{:?}", a.key_values);
+        share_of.push(share_for(&key, shares));
+        let best = newest.entry(key).or_insert(i);
         if a.staged.supersedes(accepted[*best].staged) {
             *best = i;
         }
@@ -230,9 +246,13 @@ fn load_records(
                 .collect()
         })
         .unwrap_or_default();
-    let mut per_table: FxHashMap<String, TableRows> = FxHashMap::default();
+    let mut parts: Vec<Share> = (0..shares).map(|_| Share::default()).collect();
+    for (i, a) in accepted.iter().enumerate() {
+        parts[share_of[i]].seqs.push(a.staged.seq);
+    }
     for &i in &candidates {
         let a = &accepted[i];
+        let per_table = &mut parts[share_of[i]].tables;
         let seq = a.staged.seq;
         let received = Val::Time(a.staged.received_at);
         let cells = a
@@ -241,7 +261,7 @@ fn load_records(
             .cells
             .iter()
             .filter(|(path, _)| !key_paths.contains(path));
-        let row = assemble_row(&mut catalog, &mut per_table, EMPTY_PATH, cells);
+        let row = assemble_row(&mut catalog, per_table, EMPTY_PATH, cells);
         per_table
             .entry(EMPTY_PATH.to_owned())
             .or_default()
@@ -260,12 +280,7 @@ fn load_records(
             });
         for child in &a.flat.children {
             let child_key = catalog.child_table(&child.array_path, child.positions.len())?;
-            let row = assemble_row(
-                &mut catalog,
-                &mut per_table,
-                &child_key,
-                child.row.cells.iter(),
-            );
+            let row = assemble_row(&mut catalog, per_table, &child_key, child.row.cells.iter());
             let mut keys = a.key_values.clone();
             keys.extend(child.positions.iter().map(|p| Val::Int(*p)));
             per_table
@@ -283,80 +298,220 @@ fn load_records(
         }
     }
     let t_place = started.elapsed();
+    // Helpers cannot see (and would wait on) tables and columns this transaction creates.
+    let parallel = parts.len() > 1 && catalog.ddl.is_empty() && !upgraded;
     catalog.apply_ddl(conn)?;
-    let t_ddl = started.elapsed();
 
-    let loaded_at = Val::Time(intake_core::timestamps::now());
-    let mut winners: Vec<i64> = Vec::new();
-    if let (Some(root), Some(rows)) = (catalog.tables.get(EMPTY_PATH), per_table.remove(EMPTY_PATH))
-    {
-        winners = write_table(conn, &catalog, root, rows, &loaded_at, true)?;
-    }
-    let t_root = started.elapsed();
-    // A replaced record's old child rows go, in every child table of the family, before the
-    // new version's rows are written.
-    // Every winner's old child rows go, also where its root row is new: child rows left
-    // without their root (deleted by hand, say) must not block the new version.
-    let winner_set: FxHashSet<i64> = winners.iter().copied().collect();
-    if let Some(root) = catalog.tables.get(EMPTY_PATH)
-        && !winners.is_empty()
-    {
-        let winner_keys: Vec<&Vec<Val>> = candidates
-            .iter()
-            .map(|&i| &accepted[i])
-            .filter(|a| winner_set.contains(&a.staged.seq))
-            .map(|a| &a.key_values)
-            .collect();
-        for key in pre_existing
-            .iter()
-            .filter(|k| k.as_str() != EMPTY_PATH && !winner_keys.is_empty())
-        {
-            if let Some(info) = catalog.tables.get(key) {
-                delete_children(conn, &catalog, root, info, &winner_keys)?;
-            }
+    let writing = Writing {
+        catalog: &catalog,
+        pre_existing: &pre_existing,
+        loaded_at: Val::Time(intake_core::timestamps::now()),
+    };
+    let history = |conn: &mut Conn<'_>, seqs: &[i64], loaded: usize, rejected: usize| {
+        let (first, last) = (seqs.iter().min(), seqs.iter().max());
+        match (first, last) {
+            (Some(&first), Some(&last)) => record_history(
+                conn,
+                client_id,
+                table,
+                started_at,
+                started.elapsed().as_millis() as i64,
+                loaded,
+                rejected,
+                (first, last),
+                None,
+            ),
+            _ => Ok(()),
+        }
+    };
+    if parallel {
+        let mine = write_in_parallel(conn, helpers, &writing, parts, |c, seqs| {
+            queue::delete_seqs(c, client_id, table, seqs)?;
+            history(c, seqs, seqs.len(), 0)
+        })?;
+        record_rejections(conn, client_id, table, &rejected)?;
+        let mut seqs = mine.seqs;
+        let loaded = seqs.len();
+        seqs.extend(rejected.iter().map(|(s, _)| s.seq));
+        queue::delete_seqs(conn, client_id, table, &seqs)?;
+        history(conn, &seqs, loaded, rejected.len())?;
+    } else {
+        for part in parts {
+            write_share(conn, &writing, part.tables)?;
+        }
+        record_rejections(conn, client_id, table, &rejected)?;
+        if let (Some(first), Some(last)) = (chunk.first(), chunk.last()) {
+            queue::delete_range(conn, client_id, table, first.seq, last.seq)?;
+            history(conn, &[first.seq, last.seq], accepted.len(), rejected.len())?;
         }
     }
-    let t_deletes = started.elapsed();
-    for (table_key, mut rows) in per_table {
-        let Some(info) = catalog.tables.get(&table_key) else {
-            continue;
-        };
-        rows.rows.retain(|r| winner_set.contains(&r.seq));
-        write_table(conn, &catalog, info, rows, &loaded_at, false)?;
-    }
-    let t_children = started.elapsed();
-
-    record_rejections(conn, client_id, table, &rejected)?;
-    if let (Some(first), Some(last)) = (chunk.first(), chunk.last()) {
-        queue::delete_range(conn, client_id, table, first.seq, last.seq)?;
-        record_history(
-            conn,
-            client_id,
-            table,
-            started_at,
-            started.elapsed().as_millis() as i64,
-            accepted.len(),
-            rejected.len(),
-            (first.seq, last.seq),
-            None,
-        )?;
-    }
     log::debug!(
-        "chunk of {}: flatten {:?}, place {:?}, ddl {:?}, root {:?}, child deletes {:?}, \
-         child inserts {:?}, finish {:?}",
+        "chunk of {}: flatten {:?}, place {:?}, write {:?} ({} shares{})",
         chunk.len(),
         t_flatten,
         t_place - t_flatten,
-        t_ddl - t_place,
-        t_root - t_ddl,
-        t_deletes - t_root,
-        t_children - t_deletes,
-        started.elapsed() - t_children
+        started.elapsed() - t_place,
+        shares,
+        if parallel { ", in parallel" } else { "" },
     );
     Ok(ChunkOutcome {
         loaded: accepted.len(),
         rejected: rejected.len(),
     })
+}
+
+/// Records per share below which a chunk is not split: splitting costs statements.
+const MIN_SHARE_RECORDS: usize = 500;
+
+/// How many shares a chunk of `records` is written in: one per connection available
+/// (PostgreSQL), as long as each gets at least [`MIN_SHARE_RECORDS`].
+fn share_count(dialect: Dialect, helpers: usize, records: usize) -> usize {
+    if dialect != Dialect::Postgres {
+        return 1;
+    }
+    (helpers + 1).min(records / MIN_SHARE_RECORDS).max(1)
+}
+
+/// The share a key belongs to: the same key, always the same share, so that its versions
+/// are ordered within one transaction.
+fn share_for(key: &str, shares: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = rustc_hash::FxHasher::default();
+    key.hash(&mut hasher);
+    (hasher.finish() % shares as u64) as usize
+}
+
+/// The rows of the keys one share holds, by table, and the staged records they came from
+/// (including ones superseded within the chunk).
+#[derive(Default)]
+struct Share {
+    tables: FxHashMap<String, TableRows>,
+    seqs: Vec<i64>,
+}
+
+/// What every share's writes need.
+struct Writing<'a> {
+    catalog: &'a Catalog,
+    /// Tables (by array path) that existed before this chunk: only they can hold old rows.
+    pre_existing: &'a [String],
+    loaded_at: Val,
+}
+
+/// Writes one share: upserts its root rows (an older record never overwrites a newer one),
+/// removes the old child rows of the roots that were written, in every child table of the
+/// family, and inserts the new ones. The old child rows go also where the root row is new:
+/// child rows left without their root (deleted by hand, say) must not block the new version.
+fn write_share(
+    conn: &mut Conn<'_>,
+    writing: &Writing<'_>,
+    mut tables: FxHashMap<String, TableRows>,
+) -> QueryResult<()> {
+    let catalog = writing.catalog;
+    let (Some(root), Some(root_rows)) = (catalog.tables.get(EMPTY_PATH), tables.remove(EMPTY_PATH))
+    else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    let keys_by_seq: FxHashMap<i64, Vec<Val>> = root_rows
+        .rows
+        .iter()
+        .map(|r| (r.seq, r.keys.clone()))
+        .collect();
+    let winners = write_table(conn, catalog, root, root_rows, &writing.loaded_at, true)?;
+    let t_root = started.elapsed();
+    let winner_keys: Vec<&Vec<Val>> = winners.iter().filter_map(|s| keys_by_seq.get(s)).collect();
+    let child_tables: Vec<&TableInfo> = writing
+        .pre_existing
+        .iter()
+        .filter(|k| *k != EMPTY_PATH)
+        .filter_map(|k| catalog.tables.get(k))
+        .collect();
+    if !winner_keys.is_empty() && !child_tables.is_empty() {
+        let planning = index_lookups_only(conn, true)?;
+        for info in child_tables {
+            delete_children(conn, catalog, root, info, &winner_keys)?;
+        }
+        if planning {
+            index_lookups_only(conn, false)?;
+        }
+    }
+    let t_deletes = started.elapsed();
+    let winners: FxHashSet<i64> = winners.into_iter().collect();
+    for (table_key, mut rows) in tables {
+        let Some(info) = catalog.tables.get(&table_key) else {
+            continue;
+        };
+        rows.rows.retain(|r| winners.contains(&r.seq));
+        write_table(conn, catalog, info, rows, &writing.loaded_at, false)?;
+    }
+    log::debug!(
+        "share of {} roots: root {:?}, child deletes {:?}, child inserts {:?}",
+        keys_by_seq.len(),
+        t_root,
+        t_deletes - t_root,
+        started.elapsed() - t_deletes
+    );
+    Ok(())
+}
+
+/// Writes the shares at once: the first on `conn`, in the caller's transaction, and each
+/// other on a helper connection in a transaction of its own that `finish`es the share too
+/// (takes its records out of staging and notes them in the history), so that every share
+/// commits whole or not at all. Shares hold disjoint keys, so they never wait for one
+/// another. The helpers commit before this returns, within the caller's hold of the table's
+/// load lock; if any fails, so does the chunk, and the shares already committed are simply no
+/// longer staged. Returns the first share, for the caller to finish.
+fn write_in_parallel(
+    conn: &mut Conn<'_>,
+    helpers: &mut [Conn<'_>],
+    writing: &Writing<'_>,
+    mut shares: Vec<Share>,
+    finish: impl Fn(&mut Conn<'_>, &[i64]) -> QueryResult<()> + Sync,
+) -> QueryResult<Share> {
+    debug_assert!(shares.len() <= helpers.len() + 1);
+    let others = shares.split_off(1);
+    let Some(mut mine) = shares.pop() else {
+        return Ok(Share::default());
+    };
+    let finish = &finish;
+    std::thread::scope(|scope| {
+        let running: Vec<_> = others
+            .into_iter()
+            .zip(helpers.iter_mut())
+            .map(|(share, helper)| {
+                scope.spawn(move || {
+                    in_transaction(helper, |c| {
+                        helper_session(c)?;
+                        write_share(c, writing, share.tables)?;
+                        finish(c, &share.seqs)
+                    })
+                })
+            })
+            .collect();
+        let written = write_share(conn, writing, std::mem::take(&mut mine.tables));
+        let joined: Vec<QueryResult<()>> = running
+            .into_iter()
+            .map(|handle| {
+                handle.join().unwrap_or_else(|_| {
+                    Err(diesel::result::Error::QueryBuilderError(
+                        "a writer thread panicked".into(),
+                    ))
+                })
+            })
+            .collect();
+        written?;
+        joined.into_iter().collect::<QueryResult<Vec<()>>>()
+    })?;
+    Ok(mine)
+}
+
+/// A helper's transaction settings. No synchronous commit, as for the caller's (the share's
+/// rows and its staging delete commit together); and a lock timeout, so that a wait on the
+/// caller's transaction, which waits for the helper, ends as a retryable error, not a hang.
+fn helper_session(conn: &mut Conn<'_>) -> QueryResult<()> {
+    conn.execute("SET LOCAL synchronous_commit = off", [])?;
+    conn.execute("SET LOCAL lock_timeout = '10s'", [])?;
+    Ok(())
 }
 
 /// Bytes of column data a PostgreSQL row may take before further values go to the overflow
@@ -663,6 +818,24 @@ fn write_table(
     insert_rows(conn, &table_ref, &columns, values, &tail, true)
 }
 
+/// Makes PostgreSQL find rows by their key through the index, whatever its statistics say
+/// (`on`), or lets it plan freely again (`off`); returns whether it applies here. A child
+/// table that grew since it was last analyzed (always, while a large backlog loads) is
+/// otherwise read whole, and hash-joined with the chunk's keys, on every chunk: a cost that
+/// grows with the table. Scoped to the transaction, and switched off after use.
+fn index_lookups_only(conn: &mut Conn<'_>, on: bool) -> QueryResult<bool> {
+    if conn.dialect() != Dialect::Postgres {
+        return Ok(false);
+    }
+    let value = if on { "off" } else { "DEFAULT" };
+    let statements: Vec<String> = ["enable_seqscan", "enable_hashjoin", "enable_mergejoin"]
+        .iter()
+        .map(|name| format!("SET LOCAL {name} TO {value};"))
+        .collect();
+    conn.batch(&statements.join(" "))?;
+    Ok(true)
+}
+
 /// Deletes the child rows of the root records just replaced, by their key values (so the
 /// child table's primary key index finds them; no scan).
 fn delete_children(
@@ -694,7 +867,7 @@ fn delete_children(
                 .enumerate()
                 .map(|(i, (_, t))| {
                     let column: Vec<Val> = winner_keys.iter().map(|k| k[i].clone()).collect();
-                    crate::bulk::column_param(&column, *t)
+                    crate::bulk::column_param(column, *t)
                 })
                 .collect();
             (

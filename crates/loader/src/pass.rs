@@ -11,7 +11,7 @@ use diesel::QueryResult;
 use intake_core::db::{DbConn, DbPool};
 
 use crate::catalog::ensure_namespace;
-use crate::load_chunk::{ChunkOutcome, load_chunk, record_rejections};
+use crate::load_chunk::{ChunkOutcome, load_chunk, record_history, record_rejections};
 use crate::queue::{self, ChunkLimits, Staged};
 use crate::sql::{BoolRow, Conn, Param, in_transaction};
 
@@ -76,6 +76,8 @@ pub fn run_pass(
 ) -> anyhow::Result<PassReport> {
     let mut db = pool.get()?;
     let mut conn = conn_of(&mut db);
+    let mut extra = helper_connections(pool, limits.writers);
+    let mut helpers: Vec<Conn<'_>> = extra.iter_mut().map(conn_of).collect();
     let mut report = PassReport::default();
     let mut ready = HashSet::new();
     for (client_id, table) in queue::pending_tables(&mut conn)? {
@@ -101,13 +103,26 @@ pub fn run_pass(
                 }
             }
         }
+        // A helper whose connection broke would fail every chunk it shares: drop it.
+        helpers.retain_mut(|h| crate::sql::ping(h).is_ok());
         if result.error.is_none() {
-            load_table(&mut conn, &mut result, limits, stop, progress);
+            load_table(&mut conn, &mut helpers, &mut result, limits, stop, progress);
         }
         progress(Event::TableFinished(&result));
         report.tables.push(result);
     }
     Ok(report)
+}
+
+/// Connections for the other writers of a chunk (PostgreSQL only), as many as the pool can
+/// give at once up to `writers - 1`; with fewer, chunks are simply split fewer ways.
+fn helper_connections(pool: &DbPool, writers: usize) -> Vec<DbConn> {
+    if pool.is_sqlite() {
+        return Vec::new();
+    }
+    (1..writers)
+        .map_while(|_| pool.get_timeout(std::time::Duration::from_secs(1)).ok())
+        .collect()
 }
 
 /// Creates the namespace, retrying once: two loaders creating it at once may collide.
@@ -127,12 +142,15 @@ enum Step {
 
 fn load_table(
     conn: &mut Conn<'_>,
+    helpers: &mut [Conn<'_>],
     result: &mut TableReport,
     limits: ChunkLimits,
     stop: &AtomicBool,
     progress: &mut dyn FnMut(Event<'_>),
 ) {
     let (client_id, table) = (result.client_id, result.table.clone());
+    // Everything below this sequence has been loaded by this pass.
+    let mut from = i64::MIN;
     loop {
         if stop.load(Ordering::Relaxed) {
             return;
@@ -142,7 +160,7 @@ fn load_table(
                 return Ok(Step::Busy);
             }
             let reading = std::time::Instant::now();
-            let (chunk, more) = queue::read_chunk(c, client_id, &table, limits)?;
+            let (chunk, more) = queue::read_chunk(c, client_id, &table, from, limits)?;
             log::debug!(
                 "read {} staged records in {:?}",
                 chunk.len(),
@@ -153,7 +171,7 @@ fn load_table(
             else {
                 return Ok(Step::Done);
             };
-            let outcome = load_chunk(c, client_id, &table, &chunk)?;
+            let outcome = load_chunk(c, helpers, client_id, &table, &chunk)?;
             Ok(Step::Loaded(outcome, chunk.len(), first, last, more))
         });
         match step {
@@ -167,6 +185,7 @@ fn load_table(
                 result.rejected += outcome.rejected;
                 progress(Event::Chunk { records: n });
                 log::debug!("client {client_id} table {table}: loaded seq {first}..={last}");
+                from = last.saturating_add(1);
                 if !more {
                     // Caught up; records arriving now wait for the next pass.
                     return;
@@ -212,7 +231,7 @@ fn salvage(
     limits: ChunkLimits,
     first_error: &str,
 ) -> QueryResult<Option<(ChunkOutcome, usize)>> {
-    let (chunk, _) = queue::read_chunk(conn, client_id, table, limits)?;
+    let (chunk, _) = queue::read_chunk(conn, client_id, table, i64::MIN, limits)?;
     let (Some(first), Some(last)) = (chunk.first().map(|s| s.seq), chunk.last().map(|s| s.seq))
     else {
         return Ok(None);
@@ -244,7 +263,7 @@ fn load_split(
         if records.is_empty() {
             return Ok(Some(ChunkOutcome::default()));
         }
-        load_chunk(c, client_id, table, &records).map(Some)
+        load_chunk(c, &mut [], client_id, table, &records).map(Some)
     });
     match attempt {
         Ok(Some(outcome)) => {
@@ -255,12 +274,27 @@ fn load_split(
         Ok(None) => Ok(()),
         Err(e) if seqs.len() == 1 => {
             let reason = format!("could not be loaded: {e}");
+            let started_at = intake_core::timestamps::now();
             in_transaction(conn, |c| {
                 let records: Vec<Staged> = queue::read_range(c, client_id, table, first, last)?;
                 let refs: Vec<(&Staged, String)> =
                     records.iter().map(|s| (s, reason.clone())).collect();
                 record_rejections(c, client_id, table, &refs)?;
                 queue::delete_range(c, client_id, table, first, last)?;
+                if !refs.is_empty() {
+                    // Every record leaves staging with a history row, this one too.
+                    record_history(
+                        c,
+                        client_id,
+                        table,
+                        started_at,
+                        0,
+                        0,
+                        refs.len(),
+                        (first, last),
+                        Some(&reason),
+                    )?;
+                }
                 total.rejected += refs.len();
                 Ok(())
             })

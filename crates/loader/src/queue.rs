@@ -107,17 +107,25 @@ pub struct ChunkLimits {
     pub records: usize,
     /// Total bytes of the records' JSON text; a chunk always holds at least one record.
     pub bytes: usize,
+    /// PostgreSQL connections that may write one chunk at once, each its share of the keys
+    /// (`loader.writers`).
+    pub writers: usize,
 }
 
-/// A table's oldest staged records, in sequence order, within `limits`; and whether more may
-/// be waiting (the chunk was cut by one of the limits).
+/// A table's oldest staged records from sequence `from` on, in sequence order, within
+/// `limits`; and whether more may be waiting (the chunk was cut by one of the limits).
+/// A loader that has just loaded up to sequence N passes N + 1: the index entries of the
+/// records it removed stay behind until vacuum, and a scan from the start would step over
+/// all of them on every chunk.
 pub fn read_chunk(
     conn: &mut Conn<'_>,
     client_id: i64,
     table: &str,
+    from: i64,
     limits: ChunkLimits,
 ) -> QueryResult<(Vec<Staged>, bool)> {
-    let (chunk, available) = read_chunk_where(conn, client_id, table, None, limits)?;
+    let (chunk, available) =
+        read_chunk_where(conn, client_id, table, Some((from, i64::MAX)), limits)?;
     let more = available >= limits.records.max(1) || available > chunk.len();
     Ok((chunk, more))
 }
@@ -237,6 +245,47 @@ pub fn delete_range(
     )
 }
 
+/// Removes the given staged records of a table (a share of a chunk, whose sequences are not
+/// one range). The range bound keeps the plan an index scan whatever the statistics say.
+pub fn delete_seqs(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    seqs: &[i64],
+) -> QueryResult<usize> {
+    let (Some(&first), Some(&last)) = (seqs.iter().min(), seqs.iter().max()) else {
+        return Ok(0);
+    };
+    let d = conn.dialect();
+    let (condition, list) = match d {
+        Dialect::Postgres => (
+            "seq = ANY($5)",
+            Param::IntArray(seqs.iter().map(|s| Some(*s)).collect()),
+        ),
+        Dialect::Sqlite => (
+            "seq IN (SELECT value FROM json_each(?5))",
+            Param::Text(Some(serde_json::to_string(seqs).unwrap_or_default())),
+        ),
+    };
+    conn.execute(
+        &format!(
+            "DELETE FROM staged_records WHERE client_id = {} AND table_name = {} \
+             AND seq >= {} AND seq <= {} AND {condition}",
+            d.placeholder(1),
+            d.placeholder(2),
+            d.placeholder(3),
+            d.placeholder(4),
+        ),
+        vec![
+            Param::Int(Some(client_id)),
+            Param::Text(Some(table.to_owned())),
+            Param::Int(Some(first)),
+            Param::Int(Some(last)),
+            list,
+        ],
+    )
+}
+
 /// The records of a table with sequences in `first..=last` that are still staged.
 pub fn read_range(
     conn: &mut Conn<'_>,
@@ -248,6 +297,7 @@ pub fn read_range(
     let all = ChunkLimits {
         records: (last - first + 1).max(0) as usize,
         bytes: usize::MAX,
+        writers: 1,
     };
     let (mut rows, _) = read_chunk_where(conn, client_id, table, Some((first, last)), all)?;
     rows.retain(|s| s.seq >= first && s.seq <= last);

@@ -21,7 +21,7 @@ use actix_web::{App, HttpServer, middleware, web};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use intake_core::db::{self, DatabaseTarget, DbPool};
-use intake_core::settings::{DatabaseSettings, EmbeddedLoader, Settings};
+use intake_core::settings::{EmbeddedLoader, Settings};
 
 use crate::app::AppState;
 use crate::auth::KeyVerifier;
@@ -91,17 +91,13 @@ pub fn serve(settings: Settings) -> anyhow::Result<()> {
         EmbeddedLoader::Auto => target.is_sqlite(),
     };
     if embedded {
-        let loader_pool = DbPool::new(
-            &target,
-            &DatabaseSettings {
-                pool_size: 1,
-                ..settings.database.clone()
-            },
-        )?;
+        let loader_pool =
+            DbPool::sized(&target, &settings.database, settings.loader.writers as u32)?;
         let every = Duration::from_secs(settings.loader.embedded_interval_secs.max(1));
         let limits = intake_loader::queue::ChunkLimits {
             records: settings.loader.chunk_size.max(1),
             bytes: settings.loader.chunk_max_bytes,
+            writers: settings.loader.writers,
         };
         intake_loader::embedded::spawn(loader_pool, every, limits)?;
         log::info!(
