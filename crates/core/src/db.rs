@@ -154,36 +154,43 @@ pub fn sqlite_session_setup(
 }
 
 impl DbPool {
-    /// A one-connection pool for command-line tools: no spare connections are opened in the
-    /// background, so nothing is mid-handshake when the process exits.
+    /// A one-connection pool for command-line tools (see [`DbPool::sized`]).
     pub fn single(target: &DatabaseTarget, settings: &DatabaseSettings) -> anyhow::Result<DbPool> {
         DbPool::sized(target, settings, 1)
     }
 
-    /// A pool of exactly `size` connections, for a tool that knows how many it uses at once.
+    /// A pool of at most `size` connections for a tool that knows how many it uses at once.
+    /// It opens them only when asked, never in the background: a connection still
+    /// mid-handshake when a short-lived process exits can crash it.
     pub fn sized(
         target: &DatabaseTarget,
         settings: &DatabaseSettings,
         size: u32,
     ) -> anyhow::Result<DbPool> {
-        DbPool::new(
-            target,
-            &DatabaseSettings {
-                pool_size: size.max(1),
-                ..settings.clone()
-            },
-        )
+        let settings = DatabaseSettings {
+            pool_size: size.max(1),
+            ..settings.clone()
+        };
+        DbPool::build(target, &settings, 0)
     }
 
     /// Builds a pool without connecting, so that a process can start (and report not-ready)
-    /// while the database is down; connections are made on demand.
+    /// while the database is down; connections are made on demand, and two kept ready.
     pub fn new(target: &DatabaseTarget, settings: &DatabaseSettings) -> anyhow::Result<DbPool> {
+        DbPool::build(target, settings, settings.pool_size.min(2))
+    }
+
+    fn build(
+        target: &DatabaseTarget,
+        settings: &DatabaseSettings,
+        min_idle: u32,
+    ) -> anyhow::Result<DbPool> {
         let checkout = Duration::from_millis(settings.checkout_timeout_ms.max(1));
         Ok(match target {
             DatabaseTarget::Postgres(url) => DbPool::Pg(
                 diesel::r2d2::Pool::builder()
                     .max_size(settings.pool_size)
-                    .min_idle(Some(settings.pool_size.min(2)))
+                    .min_idle(Some(min_idle))
                     .connection_timeout(checkout)
                     .test_on_check_out(true)
                     .connection_customizer(Box::new(PgSession {
@@ -199,7 +206,7 @@ impl DbPool {
                 DbPool::Sqlite(
                     diesel::r2d2::Pool::builder()
                         .max_size(settings.pool_size)
-                        .min_idle(Some(settings.pool_size.min(2)))
+                        .min_idle(Some(min_idle))
                         .connection_timeout(checkout)
                         .test_on_check_out(false)
                         .max_lifetime(Some(Duration::from_secs(600)))

@@ -95,8 +95,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if settings.database.migrate_on_start {
         db::run_migrations(&target, &settings.database)?;
     }
-    // One connection per writer of a chunk (see `loader.writers`).
-    let pool = DbPool::sized(&target, &settings.database, settings.loader.writers as u32)?;
+    // One connection per writer of a chunk (see `loader.writers`), and one reading ahead.
+    let pool = DbPool::sized(
+        &target,
+        &settings.database,
+        settings.loader.writers as u32 + 1,
+    )?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;

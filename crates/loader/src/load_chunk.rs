@@ -73,12 +73,14 @@ impl TableRows {
 /// transaction of their own (see [`write_in_parallel`]).
 /// An activate_version marker splits the chunk: the records before it are loaded, then the
 /// table's older versions are removed, then the records after it are loaded.
+/// `flat` holds each record's [`parse_chunk`] result, in order.
 pub fn load_chunk(
     conn: &mut Conn<'_>,
     helpers: &mut [Conn<'_>],
     client_id: i64,
     table: &str,
     chunk: &[Staged],
+    flat: Vec<Parsed>,
 ) -> QueryResult<ChunkOutcome> {
     // A marker's deletes hold row locks in the caller's transaction that a helper could wait
     // on while the caller waits for the helper: such a chunk is written by one connection.
@@ -89,15 +91,18 @@ pub fn load_chunk(
     };
     let mut outcome = ChunkOutcome::default();
     let mut rest = chunk;
+    let mut flat = flat.into_iter();
     while !rest.is_empty() {
         let split = rest.iter().position(Staged::is_activation);
         if split == Some(0) {
             activate_version(conn, client_id, table, &rest[0])?;
             rest = &rest[1..];
+            flat.next();
             continue;
         }
         let (records, after) = rest.split_at(split.unwrap_or(rest.len()));
-        let done = load_records(conn, helpers, client_id, table, records)?;
+        let parsed: Vec<Parsed> = flat.by_ref().take(records.len()).collect();
+        let done = load_records(conn, helpers, client_id, table, records, parsed)?;
         outcome.loaded += done.loaded;
         outcome.rejected += done.rejected;
         rest = after;
@@ -156,6 +161,25 @@ fn activate_version(
     Ok(())
 }
 
+/// A record parsed and flattened, or why it cannot be.
+pub type Parsed = Result<FlatRecord, String>;
+
+/// Parses and flattens a chunk's records, typed by the table's Stitch schema if it has one.
+/// Needs no lock: a loader does it for the next chunk while it writes the current one.
+pub fn parse_chunk(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    chunk: &[Staged],
+) -> QueryResult<Vec<Parsed>> {
+    let declared = if chunk.iter().any(|s| s.stitch.is_some()) {
+        SchemaTypes::load(conn, client_id, table)?
+    } else {
+        SchemaTypes::default()
+    };
+    Ok(flatten_all(chunk, &declared))
+}
+
 /// Loads records (no activate_version markers among them).
 fn load_records(
     conn: &mut Conn<'_>,
@@ -163,20 +187,16 @@ fn load_records(
     client_id: i64,
     table: &str,
     chunk: &[Staged],
+    parsed: Vec<Parsed>,
 ) -> QueryResult<ChunkOutcome> {
     let started = Instant::now();
     let started_at = intake_core::timestamps::now();
     let dialect = conn.dialect();
     let mut catalog = Catalog::load(conn, client_id, table)?;
     let upgraded = catalog.upgrade_root(conn)?;
-    let declared = if chunk.iter().any(|s| s.stitch.is_some()) {
-        SchemaTypes::load(conn, client_id, table)?
-    } else {
-        SchemaTypes::default()
-    };
     let mut rejected: Vec<(&Staged, String)> = Vec::new();
     let mut accepted: Vec<Accepted<'_>> = Vec::new();
-    for (staged, flat) in chunk.iter().zip(flatten_all(chunk, &declared)) {
+    for (staged, flat) in chunk.iter().zip(parsed) {
         let flat = match flat {
             Ok(flat) => flat,
             Err(why) => {
@@ -212,7 +232,7 @@ fn load_records(
             Err(why) => rejected.push((staged, why)),
         }
     }
-    let t_flatten = started.elapsed();
+    let t_checks = started.elapsed();
 
     // Newest record per key wins within the chunk (see `Staged::supersedes`). Every key
     // belongs to one share of the chunk.
@@ -346,10 +366,10 @@ fn load_records(
         }
     }
     log::debug!(
-        "chunk of {}: flatten {:?}, place {:?}, write {:?} ({} shares{})",
+        "chunk of {}: key checks {:?}, place {:?}, write {:?} ({} shares{})",
         chunk.len(),
-        t_flatten,
-        t_place - t_flatten,
+        t_checks,
+        t_place - t_checks,
         started.elapsed() - t_place,
         shares,
         if parallel { ", in parallel" } else { "" },
@@ -574,9 +594,8 @@ fn inline_width(cell: &Cell) -> usize {
     }
 }
 
-/// Parses and flattens every record of a chunk, on two threads for large chunks: the database
-/// sits idle while this runs, so the second core is free.
-fn flatten_all(chunk: &[Staged], declared: &SchemaTypes) -> Vec<Result<FlatRecord, String>> {
+/// Parses and flattens every record of a chunk, on two threads for large chunks.
+fn flatten_all(chunk: &[Staged], declared: &SchemaTypes) -> Vec<Parsed> {
     const PARALLEL_ABOVE: usize = 512;
     let flatten = |part: &[Staged]| {
         part.iter()

@@ -11,7 +11,9 @@ use diesel::QueryResult;
 use intake_core::db::{DbConn, DbPool};
 
 use crate::catalog::ensure_namespace;
-use crate::load_chunk::{ChunkOutcome, load_chunk, record_history, record_rejections};
+use crate::load_chunk::{
+    ChunkOutcome, Parsed, load_chunk, parse_chunk, record_history, record_rejections,
+};
 use crate::queue::{self, ChunkLimits, Staged};
 use crate::sql::{BoolRow, Conn, Param, in_transaction};
 
@@ -76,8 +78,10 @@ pub fn run_pass(
 ) -> anyhow::Result<PassReport> {
     let mut db = pool.get()?;
     let mut conn = conn_of(&mut db);
-    let mut extra = helper_connections(pool, limits.writers);
-    let mut helpers: Vec<Conn<'_>> = extra.iter_mut().map(conn_of).collect();
+    let mut extra = spare_connections(pool, limits.writers);
+    let mut spare = extra.iter_mut().map(conn_of);
+    let mut reader = spare.next();
+    let mut helpers: Vec<Conn<'_>> = spare.collect();
     let mut report = PassReport::default();
     let mut ready = HashSet::new();
     for (client_id, table) in queue::pending_tables(&mut conn)? {
@@ -105,8 +109,19 @@ pub fn run_pass(
         }
         // A helper whose connection broke would fail every chunk it shares: drop it.
         helpers.retain_mut(|h| crate::sql::ping(h).is_ok());
+        if reader
+            .as_mut()
+            .is_some_and(|r| crate::sql::ping(r).is_err())
+        {
+            reader = None;
+        }
         if result.error.is_none() {
-            load_table(&mut conn, &mut helpers, &mut result, limits, stop, progress);
+            let mut conns = Connections {
+                main: &mut conn,
+                reader: reader.as_mut(),
+                helpers: &mut helpers,
+            };
+            load_table(&mut conns, &mut result, limits, stop, progress);
         }
         progress(Event::TableFinished(&result));
         report.tables.push(result);
@@ -114,15 +129,51 @@ pub fn run_pass(
     Ok(report)
 }
 
-/// Connections for the other writers of a chunk (PostgreSQL only), as many as the pool can
-/// give at once up to `writers - 1`; with fewer, chunks are simply split fewer ways.
-fn helper_connections(pool: &DbPool, writers: usize) -> Vec<DbConn> {
-    if pool.is_sqlite() {
-        return Vec::new();
-    }
-    (1..writers)
+/// The connections a pass uses besides its main one: first one that reads the next chunk
+/// while the current one is written, then the other writers of a chunk (PostgreSQL only,
+/// `writers - 1`). As many as the pool gives at once: with fewer, the pass simply reads
+/// ahead less or splits chunks fewer ways.
+fn spare_connections(pool: &DbPool, writers: usize) -> Vec<DbConn> {
+    let wanted = if pool.is_sqlite() { 1 } else { writers };
+    (0..wanted)
         .map_while(|_| pool.get_timeout(std::time::Duration::from_secs(1)).ok())
         .collect()
+}
+
+/// The connections loading one table.
+struct Connections<'c, 'a> {
+    /// Holds the table's load lock; writes the chunk (or its first share).
+    main: &'c mut Conn<'a>,
+    reader: Option<&'c mut Conn<'a>>,
+    helpers: &'c mut [Conn<'a>],
+}
+
+/// A chunk read and parsed on the reader connection while the chunk before it was written.
+struct Ahead {
+    /// The sequence it was read from.
+    from: i64,
+    chunk: Vec<Staged>,
+    more: bool,
+    parsed: Vec<Parsed>,
+}
+
+impl Ahead {
+    fn read(
+        conn: &mut Conn<'_>,
+        client_id: i64,
+        table: &str,
+        from: i64,
+        limits: ChunkLimits,
+    ) -> QueryResult<Ahead> {
+        let (chunk, more) = queue::read_chunk(conn, client_id, table, from, limits)?;
+        let parsed = parse_chunk(conn, client_id, table, &chunk)?;
+        Ok(Ahead {
+            from,
+            chunk,
+            more,
+            parsed,
+        })
+    }
 }
 
 /// Creates the namespace, retrying once: two loaders creating it at once may collide.
@@ -141,8 +192,7 @@ enum Step {
 }
 
 fn load_table(
-    conn: &mut Conn<'_>,
-    helpers: &mut [Conn<'_>],
+    conns: &mut Connections<'_, '_>,
     result: &mut TableReport,
     limits: ChunkLimits,
     stop: &AtomicBool,
@@ -151,29 +201,72 @@ fn load_table(
     let (client_id, table) = (result.client_id, result.table.clone());
     // Everything below this sequence has been loaded by this pass.
     let mut from = i64::MIN;
+    let mut ahead: Option<Ahead> = None;
     loop {
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        let step = in_transaction(conn, |c| {
+        let Connections {
+            main,
+            reader,
+            helpers,
+        } = conns;
+        let step = in_transaction(main, |c| {
             if !lock_table(c, client_id, &table)? {
                 return Ok(Step::Busy);
             }
             let reading = std::time::Instant::now();
-            let (chunk, more) = queue::read_chunk(c, client_id, &table, from, limits)?;
+            // What was read ahead is used if this pass is where it expected to be and no
+            // other loader took those records in between (they were read without the lock).
+            let current = match ahead.take() {
+                Some(a)
+                    if a.from == from && queue::still_staged(c, client_id, &table, &a.chunk)? =>
+                {
+                    a
+                }
+                Some(_) => {
+                    log::debug!(
+                        "client {client_id} table {table}: read-ahead dropped, reading again"
+                    );
+                    Ahead::read(c, client_id, &table, from, limits)?
+                }
+                None => Ahead::read(c, client_id, &table, from, limits)?,
+            };
             log::debug!(
-                "read {} staged records in {:?}",
-                chunk.len(),
+                "{} staged records ready in {:?}",
+                current.chunk.len(),
                 reading.elapsed()
             );
-            let (Some(first), Some(last)) =
-                (chunk.first().map(|s| s.seq), chunk.last().map(|s| s.seq))
-            else {
+            let (Some(first), Some(last)) = (
+                current.chunk.first().map(|s| s.seq),
+                current.chunk.last().map(|s| s.seq),
+            ) else {
                 return Ok(Step::Done);
             };
-            let outcome = load_chunk(c, helpers, client_id, &table, &chunk)?;
-            Ok(Step::Loaded(outcome, chunk.len(), first, last, more))
+            let Ahead {
+                chunk,
+                more,
+                parsed,
+                ..
+            } = current;
+            let next = last.saturating_add(1);
+            let table = table.as_str();
+            let (outcome, read_ahead) = std::thread::scope(|scope| {
+                let reading = match (more, reader.as_deref_mut()) {
+                    (true, Some(r)) => {
+                        Some(scope.spawn(move || Ahead::read(r, client_id, table, next, limits)))
+                    }
+                    _ => None,
+                };
+                let outcome = load_chunk(c, helpers, client_id, table, &chunk, parsed);
+                // A read-ahead that failed is not used; the next chunk is then read anew.
+                let read_ahead = reading.and_then(|r| r.join().ok()).and_then(Result::ok);
+                (outcome, read_ahead)
+            });
+            ahead = read_ahead;
+            Ok(Step::Loaded(outcome?, chunk.len(), first, last, more))
         });
+        let conn = &mut **main;
         match step {
             Ok(Step::Busy) => {
                 result.skipped_busy = true;
@@ -263,7 +356,8 @@ fn load_split(
         if records.is_empty() {
             return Ok(Some(ChunkOutcome::default()));
         }
-        load_chunk(c, &mut [], client_id, table, &records).map(Some)
+        let parsed = parse_chunk(c, client_id, table, &records)?;
+        load_chunk(c, &mut [], client_id, table, &records, parsed).map(Some)
     });
     match attempt {
         Ok(Some(outcome)) => {

@@ -7,7 +7,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text};
 
 use crate::dialect::Dialect;
-use crate::sql::{Conn, Param};
+use crate::sql::{Conn, I64Row, Param};
 
 /// A record waiting in staging.
 #[derive(Debug, Clone, Default)]
@@ -243,6 +243,38 @@ pub fn delete_range(
             Param::Int(Some(last)),
         ],
     )
+}
+
+/// Whether all of `chunk` (records read earlier, in sequence order) is still staged: no
+/// other loader has taken any of them since. Records cannot join the range later, as
+/// sequences are given in commit order.
+pub fn still_staged(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    chunk: &[Staged],
+) -> QueryResult<bool> {
+    let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
+        return Ok(true);
+    };
+    let d = conn.dialect();
+    let rows: Vec<I64Row> = conn.load(
+        &format!(
+            "SELECT COUNT(*) AS v FROM staged_records WHERE client_id = {} AND table_name = {} \
+             AND seq >= {} AND seq <= {}",
+            d.placeholder(1),
+            d.placeholder(2),
+            d.placeholder(3),
+            d.placeholder(4),
+        ),
+        vec![
+            Param::Int(Some(client_id)),
+            Param::Text(Some(table.to_owned())),
+            Param::Int(Some(first.seq)),
+            Param::Int(Some(last.seq)),
+        ],
+    )?;
+    Ok(rows.first().map(|r| r.v) == Some(chunk.len() as i64))
 }
 
 /// Removes the given staged records of a table (a share of a chunk, whose sequences are not

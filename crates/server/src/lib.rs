@@ -91,8 +91,11 @@ pub fn serve(settings: Settings) -> anyhow::Result<()> {
         EmbeddedLoader::Auto => target.is_sqlite(),
     };
     if embedded {
-        let loader_pool =
-            DbPool::sized(&target, &settings.database, settings.loader.writers as u32)?;
+        let loader_pool = DbPool::sized(
+            &target,
+            &settings.database,
+            settings.loader.writers as u32 + 1,
+        )?;
         let every = Duration::from_secs(settings.loader.embedded_interval_secs.max(1));
         let limits = intake_loader::queue::ChunkLimits {
             records: settings.loader.chunk_size.max(1),
