@@ -19,7 +19,12 @@ use tokio::sync::{mpsc, oneshot};
 const MAX_GROUP_RECORDS: usize = 20_000;
 /// How long before the earliest deadline of a group the database is told to give up, so that
 /// the rollback (and the 503) come before the client stops waiting.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
+const DEADLINE_MARGIN: Duration = Duration::from_millis(300);
+
+/// How long past its deadline a request whose transaction has started waits for the outcome.
+/// The database's own timeouts end the transaction [`DEADLINE_MARGIN`] before the deadline;
+/// the two together leave the commit itself 0.4 s.
+const COMMIT_GRACE: Duration = Duration::from_millis(100);
 
 /// One request's records: the body they came in, and per table each record's byte range in
 /// it (so no record is copied on the way to the database). All of a job's tables commit in
@@ -38,9 +43,10 @@ pub struct Job {
 
 /// The states of [`Job::claim`]. A writer moves a waiting job to `TAKEN` just before its
 /// transaction; a request whose deadline passes moves it to `ABANDONED` and answers 503. Only
-/// one of the two moves can succeed, so a 503 always means "not stored": a request whose job
-/// was taken waits for the commit's outcome, which the database's own time limits (set from
-/// the deadline) keep short.
+/// one of the two moves can succeed, so a 503 means "not stored": a request whose job was
+/// taken waits for the commit's outcome, which the database's own time limits (set from the
+/// deadline) keep short. Only a database that stops answering mid-commit for longer than
+/// [`COMMIT_GRACE`] leaves the outcome unknown.
 struct Claim;
 
 impl Claim {
@@ -164,7 +170,11 @@ impl GroupCommitter {
             Err(_) if claim.load(Ordering::Acquire) == Claim::ABANDONED => {
                 return Err(CommitError::Busy);
             }
-            Err(_) => answer.await,
+            // Bounded all the same: a database that stops answering mid-commit must not
+            // hang the request (the one case where a 503's records may still land).
+            Err(_) => tokio::time::timeout_at(deadline + COMMIT_GRACE, answer)
+                .await
+                .map_err(|_| CommitError::Busy)?,
         };
         match outcome {
             Ok(Ok(range)) => Ok(range),
