@@ -2091,17 +2091,7 @@ fn a_database_error_rejects_only_the_records_at_fault(backend: Backend) {
     );
     push(&server, &key, "others", &[json!({"id": 1, "keys": ["id"]})]);
     load(&db);
-    // A rule the loader cannot know about: the database refuses n >= 100.
-    let orders = table_ref(backend, CLIENT, "orders");
-    DbConnection::open(&db).execute(&match backend {
-        Backend::Postgres => {
-            format!("ALTER TABLE {orders} ADD CONSTRAINT n_below_100 CHECK (n < 100)")
-        }
-        Backend::Sqlite => format!(
-            "CREATE TRIGGER n_below_100 BEFORE INSERT ON {orders} WHEN NEW.n >= 100 \
-             BEGIN SELECT RAISE(ABORT, 'n_below_100 violated'); END"
-        ),
-    });
+    refuse_n_from(&db, 100);
     let records: Vec<Value> = (2..=11)
         .map(|id| {
             let n = if id == 5 || id == 9 { 500 } else { id };
@@ -2144,6 +2134,22 @@ fn a_database_error_rejects_only_the_records_at_fault(backend: Backend) {
         2,
         "other tables load too"
     );
+}
+
+/// A rule the loader cannot know about: the database refuses rows of `orders` whose `n` is
+/// `limit` or more, with a message naming `n_below_{limit}`.
+fn refuse_n_from(db: &TestDb, limit: i64) {
+    let orders = table_ref(db.backend, CLIENT, "orders");
+    let rule = format!("n_below_{limit}");
+    DbConnection::open(db).execute(&match db.backend {
+        Backend::Postgres => {
+            format!("ALTER TABLE {orders} ADD CONSTRAINT {rule} CHECK (n < {limit})")
+        }
+        Backend::Sqlite => format!(
+            "CREATE TRIGGER {rule} BEFORE INSERT ON {orders} WHEN NEW.n >= {limit} \
+             BEGIN SELECT RAISE(ABORT, '{rule} violated'); END"
+        ),
+    });
 }
 
 fn a_table_that_cannot_be_loaded_fails_the_run_but_not_the_others(backend: Backend) {
@@ -2626,16 +2632,7 @@ fn a_database_error_in_a_shared_chunk_rejects_only_the_record_at_fault(backend: 
         &[json!({"id": 0, "keys": ["id"], "n": 0, "items": [0]})],
     );
     load(&db);
-    let orders = table_ref(backend, CLIENT, "orders");
-    DbConnection::open(&db).execute(&match backend {
-        Backend::Postgres => {
-            format!("ALTER TABLE {orders} ADD CONSTRAINT n_below_1000 CHECK (n < 1000)")
-        }
-        Backend::Sqlite => format!(
-            "CREATE TRIGGER n_below_1000 BEFORE INSERT ON {orders} WHEN NEW.n >= 1000 \
-             BEGIN SELECT RAISE(ABORT, 'n_below_1000 violated'); END"
-        ),
-    });
+    refuse_n_from(&db, 1000);
     let records: Vec<Value> = (1..=1500)
         .map(|id| {
             let n = if id == 777 { 5000 } else { id % 1000 };

@@ -51,7 +51,7 @@ enum Scenario {
         /// Records per loader chunk.
         #[arg(long, default_value_t = 5000)]
         chunk_size: usize,
-        /// PostgreSQL connections writing each chunk (loader.writers).
+        /// PostgreSQL connections writing each chunk (loader.writers; SQLite has one).
         #[arg(long, default_value_t = 2)]
         writers: usize,
     },
@@ -192,8 +192,13 @@ fn load_scenario(
         "CREATE TABLE bench_source AS SELECT * FROM staged_records",
     )?;
     println!(
-        "\nload on {name}: {staged} records staged ({} bytes a record on average), chunk {chunk_size}, {writers} writers",
-        bytes / staged.max(1)
+        "\nload on {name}: {staged} records staged ({} bytes a record on average), chunk {chunk_size}{}",
+        bytes / staged.max(1),
+        if backend == Backend::Postgres {
+            format!(", {writers} writers")
+        } else {
+            String::new()
+        }
     );
 
     // The real intake-loader binary, so that its time, CPU and peak memory are its own.

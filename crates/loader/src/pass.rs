@@ -199,9 +199,13 @@ fn load_table(
     progress: &mut dyn FnMut(Event<'_>),
 ) {
     let (client_id, table) = (result.client_id, result.table.clone());
-    // Everything below this sequence has been loaded by this pass.
-    let mut from = i64::MIN;
-    let mut ahead: Option<Ahead> = None;
+    let mut cursor = TableCursor {
+        client_id,
+        table: &table,
+        limits,
+        from: i64::MIN,
+        ahead: None,
+    };
     loop {
         if stop.load(Ordering::Relaxed) {
             return;
@@ -215,56 +219,7 @@ fn load_table(
             if !lock_table(c, client_id, &table)? {
                 return Ok(Step::Busy);
             }
-            let reading = std::time::Instant::now();
-            // What was read ahead is used if this pass is where it expected to be and no
-            // other loader took those records in between (they were read without the lock).
-            let current = match ahead.take() {
-                Some(a)
-                    if a.from == from && queue::still_staged(c, client_id, &table, &a.chunk)? =>
-                {
-                    a
-                }
-                Some(_) => {
-                    log::debug!(
-                        "client {client_id} table {table}: read-ahead dropped, reading again"
-                    );
-                    Ahead::read(c, client_id, &table, from, limits)?
-                }
-                None => Ahead::read(c, client_id, &table, from, limits)?,
-            };
-            log::debug!(
-                "{} staged records ready in {:?}",
-                current.chunk.len(),
-                reading.elapsed()
-            );
-            let (Some(first), Some(last)) = (
-                current.chunk.first().map(|s| s.seq),
-                current.chunk.last().map(|s| s.seq),
-            ) else {
-                return Ok(Step::Done);
-            };
-            let Ahead {
-                chunk,
-                more,
-                parsed,
-                ..
-            } = current;
-            let next = last.saturating_add(1);
-            let table = table.as_str();
-            let (outcome, read_ahead) = std::thread::scope(|scope| {
-                let reading = match (more, reader.as_deref_mut()) {
-                    (true, Some(r)) => {
-                        Some(scope.spawn(move || Ahead::read(r, client_id, table, next, limits)))
-                    }
-                    _ => None,
-                };
-                let outcome = load_chunk(c, helpers, client_id, table, &chunk, parsed);
-                // A read-ahead that failed is not used; the next chunk is then read anew.
-                let read_ahead = reading.and_then(|r| r.join().ok()).and_then(Result::ok);
-                (outcome, read_ahead)
-            });
-            ahead = read_ahead;
-            Ok(Step::Loaded(outcome?, chunk.len(), first, last, more))
+            cursor.load_next(c, reader.as_deref_mut(), helpers)
         });
         let conn = &mut **main;
         match step {
@@ -278,7 +233,7 @@ fn load_table(
                 result.rejected += outcome.rejected;
                 progress(Event::Chunk { records: n });
                 log::debug!("client {client_id} table {table}: loaded seq {first}..={last}");
-                from = last.saturating_add(1);
+                cursor.from = last.saturating_add(1);
                 if !more {
                     // Caught up; records arriving now wait for the next pass.
                     return;
@@ -311,6 +266,80 @@ fn load_table(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Where a pass is in one table.
+struct TableCursor<'t> {
+    client_id: i64,
+    table: &'t str,
+    limits: ChunkLimits,
+    /// Everything below this sequence has been loaded by this pass.
+    from: i64,
+    /// The next chunk, if it was read while the one before it was written.
+    ahead: Option<Ahead>,
+}
+
+impl TableCursor<'_> {
+    /// Loads the next chunk in the caller's transaction (which holds the table's lock), and
+    /// meanwhile reads the one after it on `reader`.
+    fn load_next(
+        &mut self,
+        conn: &mut Conn<'_>,
+        reader: Option<&mut Conn<'_>>,
+        helpers: &mut [Conn<'_>],
+    ) -> QueryResult<Step> {
+        let (client_id, table, limits) = (self.client_id, self.table, self.limits);
+        let reading = std::time::Instant::now();
+        let Ahead {
+            chunk,
+            more,
+            parsed,
+            ..
+        } = self.take_next(conn)?;
+        log::debug!(
+            "{} staged records ready in {:?}",
+            chunk.len(),
+            reading.elapsed()
+        );
+        let (Some(first), Some(last)) = (chunk.first().map(|s| s.seq), chunk.last().map(|s| s.seq))
+        else {
+            return Ok(Step::Done);
+        };
+        let next = last.saturating_add(1);
+        let (outcome, read_ahead) = std::thread::scope(|scope| {
+            let reading = match (more, reader) {
+                (true, Some(r)) => {
+                    Some(scope.spawn(move || Ahead::read(r, client_id, table, next, limits)))
+                }
+                _ => None,
+            };
+            let outcome = load_chunk(conn, helpers, client_id, table, &chunk, parsed);
+            // A read-ahead that failed is not used; the next chunk is then read anew.
+            let read_ahead = reading.and_then(|r| r.join().ok()).and_then(Result::ok);
+            (outcome, read_ahead)
+        });
+        self.ahead = read_ahead;
+        Ok(Step::Loaded(outcome?, chunk.len(), first, last, more))
+    }
+
+    /// The chunk read ahead if it starts where this pass is and no other loader took any of
+    /// its records in between (it was read without the lock); else the chunk read now.
+    fn take_next(&mut self, conn: &mut Conn<'_>) -> QueryResult<Ahead> {
+        let (client_id, table) = (self.client_id, self.table);
+        match self.ahead.take() {
+            Some(a)
+                if a.from == self.from
+                    && queue::still_staged(conn, client_id, table, &a.chunk)? =>
+            {
+                Ok(a)
+            }
+            Some(_) => {
+                log::debug!("client {client_id} table {table}: read-ahead dropped, reading again");
+                Ahead::read(conn, client_id, table, self.from, self.limits)
+            }
+            None => Ahead::read(conn, client_id, table, self.from, self.limits),
         }
     }
 }

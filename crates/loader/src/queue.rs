@@ -227,16 +227,28 @@ pub fn delete_range(
     first: i64,
     last: i64,
 ) -> QueryResult<usize> {
-    let d = conn.dialect();
-    conn.execute(
-        &format!(
-            "DELETE FROM staged_records WHERE client_id = {} AND table_name = {} AND seq >= {} AND seq <= {}",
+    let (range, params) = seq_range(conn.dialect(), client_id, table, first, last);
+    conn.execute(&format!("DELETE FROM staged_records WHERE {range}"), params)
+}
+
+/// The condition on `staged_records` that picks a table's sequences `first..=last` (by its
+/// primary-key index), and its four parameters.
+fn seq_range(
+    d: Dialect,
+    client_id: i64,
+    table: &str,
+    first: i64,
+    last: i64,
+) -> (String, Vec<Param>) {
+    (
+        format!(
+            "client_id = {} AND table_name = {} AND seq >= {} AND seq <= {}",
             d.placeholder(1),
             d.placeholder(2),
             d.placeholder(3),
             d.placeholder(4)
         ),
-        &[
+        vec![
             Param::Int(Some(client_id)),
             Param::Text(Some(table.to_owned())),
             Param::Int(Some(first)),
@@ -257,22 +269,10 @@ pub fn still_staged(
     let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
         return Ok(true);
     };
-    let d = conn.dialect();
+    let (range, params) = seq_range(conn.dialect(), client_id, table, first.seq, last.seq);
     let rows: Vec<I64Row> = conn.load(
-        &format!(
-            "SELECT COUNT(*) AS v FROM staged_records WHERE client_id = {} AND table_name = {} \
-             AND seq >= {} AND seq <= {}",
-            d.placeholder(1),
-            d.placeholder(2),
-            d.placeholder(3),
-            d.placeholder(4),
-        ),
-        vec![
-            Param::Int(Some(client_id)),
-            Param::Text(Some(table.to_owned())),
-            Param::Int(Some(first.seq)),
-            Param::Int(Some(last.seq)),
-        ],
+        &format!("SELECT COUNT(*) AS v FROM staged_records WHERE {range}"),
+        params,
     )?;
     Ok(rows.first().map(|r| r.v) == Some(chunk.len() as i64))
 }
@@ -289,32 +289,22 @@ pub fn delete_seqs(
         return Ok(0);
     };
     let d = conn.dialect();
-    let (condition, list) = match d {
-        Dialect::Postgres => (
-            "seq = ANY($5)",
-            Param::IntArray(seqs.iter().map(|s| Some(*s)).collect()),
-        ),
-        Dialect::Sqlite => (
-            "seq IN (SELECT value FROM json_each(?5))",
-            Param::Text(Some(serde_json::to_string(seqs).unwrap_or_default())),
-        ),
+    let (range, mut params) = seq_range(d, client_id, table, first, last);
+    let listed = match d {
+        Dialect::Postgres => {
+            params.push(Param::IntArray(seqs.iter().map(|s| Some(*s)).collect()));
+            "seq = ANY($5)"
+        }
+        Dialect::Sqlite => {
+            params.push(Param::Text(Some(
+                serde_json::to_string(seqs).unwrap_or_default(),
+            )));
+            "seq IN (SELECT value FROM json_each(?5))"
+        }
     };
     conn.execute(
-        &format!(
-            "DELETE FROM staged_records WHERE client_id = {} AND table_name = {} \
-             AND seq >= {} AND seq <= {} AND {condition}",
-            d.placeholder(1),
-            d.placeholder(2),
-            d.placeholder(3),
-            d.placeholder(4),
-        ),
-        vec![
-            Param::Int(Some(client_id)),
-            Param::Text(Some(table.to_owned())),
-            Param::Int(Some(first)),
-            Param::Int(Some(last)),
-            list,
-        ],
+        &format!("DELETE FROM staged_records WHERE {range} AND {listed}"),
+        params,
     )
 }
 
