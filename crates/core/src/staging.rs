@@ -81,13 +81,15 @@ pub fn append(conn: &mut DbConn, batch: &StagedBatch<'_>) -> QueryResult<SeqRang
 /// so two such transactions never wait on each other's counter rows in a cycle.
 ///
 /// With a `budget`, the database gives up (and rolls back) once that much time has gone by
-/// waiting for locks or running statements, so that a caller answering "not stored" at its
-/// deadline is telling the truth.
+/// waiting for locks or running statements, and the transaction is rolled back rather than
+/// committed if its statements together took longer: a caller answering "not stored" at its
+/// deadline is telling the truth (unless the commit itself stalls).
 pub fn append_all(
     conn: &mut DbConn,
     batches: &[StagedBatch<'_>],
     budget: Option<std::time::Duration>,
 ) -> QueryResult<Vec<SeqRange>> {
+    let give_up = budget.map(|b| std::time::Instant::now() + b);
     let mut order: Vec<usize> = (0..batches.len()).collect();
     order.sort_by_key(|&i| (batches[i].client_id, batches[i].table));
     let write = |conn: &mut RawConn<'_>| -> QueryResult<Vec<SeqRange>> {
@@ -140,6 +142,12 @@ pub fn append_all(
                 };
                 next += n;
             }
+        }
+        // Each statement had the whole budget; several may have used more between them.
+        if give_up.is_some_and(|t| std::time::Instant::now() >= t) {
+            return Err(diesel::result::Error::QueryBuilderError(
+                "the write outlasted its time budget; rolled back".into(),
+            ));
         }
         Ok(ranges)
     };

@@ -525,12 +525,13 @@ fn write_in_parallel(
     Ok(mine)
 }
 
-/// A helper's transaction settings. No synchronous commit, as for the caller's (the share's
-/// rows and its staging delete commit together); and a lock timeout, so that a wait on the
-/// caller's transaction, which waits for the helper, ends as a retryable error, not a hang.
+/// A helper's transaction settings: no synchronous commit, as for the caller's (the share's
+/// rows and its staging delete commit together). A helper can only wait on the caller, which
+/// waits for it, through someone else's lock queued between them (an ALTER TABLE by hand,
+/// say); the session's statement and lock timeouts (`database.statement_timeout_ms`) end that
+/// as a retryable error.
 fn helper_session(conn: &mut Conn<'_>) -> QueryResult<()> {
     conn.execute("SET LOCAL synchronous_commit = off", [])?;
-    conn.execute("SET LOCAL lock_timeout = '10s'", [])?;
     Ok(())
 }
 

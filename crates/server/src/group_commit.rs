@@ -222,17 +222,17 @@ fn writer_loop(pool: &DbPool, receiver: &Mutex<mpsc::Receiver<Job>>) {
                 continue;
             }
         };
-        let group = drop_expired(group);
-        if group.is_empty() {
-            continue;
-        }
+        // Only requests with more than the margin left are written (the others are answered
+        // now): one nearly late request must not cut the others' time.
+        let (group, late): (Vec<Job>, Vec<Job>) = group
+            .into_iter()
+            .partition(|job| job.deadline > Instant::now() + DEADLINE_MARGIN);
+        drop_expired_now(late);
         // The database gives up a little before the earliest deadline, so that a request
         // answered 503 was really not stored (see `staging::append_all`).
-        let earliest = group
-            .iter()
-            .map(|job| job.deadline)
-            .min()
-            .unwrap_or_else(Instant::now);
+        let Some(earliest) = group.iter().map(|job| job.deadline).min() else {
+            continue;
+        };
         let budget = earliest
             .saturating_duration_since(Instant::now())
             .saturating_sub(DEADLINE_MARGIN);
