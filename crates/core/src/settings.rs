@@ -158,6 +158,10 @@ impl Settings {
         if self.database.pool_size == 0 {
             bail!("database.pool_size must be at least 1");
         }
+        // The commit path keeps 0.3 s of every request's deadline in reserve.
+        if self.database.checkout_timeout_ms < 500 {
+            bail!("database.checkout_timeout_ms must be at least 500");
+        }
         if self.database.url.trim().is_empty() {
             bail!("database.url must not be empty");
         }
@@ -232,5 +236,28 @@ mod tests {
         ] {
             assert!(with(rate, burst).is_err(), "rate {rate}, burst {burst}");
         }
+    }
+
+    #[test]
+    fn loader_writers_and_the_checkout_timeout_are_bounded() {
+        let with = |key: &str, value: &str| {
+            Config::builder()
+                .add_source(File::from_str(BUILT_IN_DEFAULTS, FileFormat::Toml))
+                .set_override(key, value)
+                .and_then(|b| b.build())
+                .and_then(|c| c.try_deserialize::<Settings>())
+                .map_err(anyhow::Error::from)
+                .and_then(|s| s.validate())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(with("loader.writers", "1"), Ok(()));
+        assert_eq!(with("loader.writers", "16"), Ok(()));
+        for bad in ["0", "17"] {
+            let refused = with("loader.writers", bad).expect_err(bad);
+            assert!(refused.contains("loader.writers"), "{refused}");
+        }
+        assert_eq!(with("database.checkout_timeout_ms", "500"), Ok(()));
+        let refused = with("database.checkout_timeout_ms", "300").expect_err("300 ms");
+        assert!(refused.contains("checkout_timeout_ms"), "{refused}");
     }
 }
