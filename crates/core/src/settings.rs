@@ -104,6 +104,13 @@ pub struct LoaderSettings {
     pub writers: usize,
 }
 
+impl LoaderSettings {
+    /// Database connections a loader uses at once: one per writer, and one reading ahead.
+    pub fn connections(&self) -> u32 {
+        self.writers as u32 + 1
+    }
+}
+
 impl Settings {
     /// Loads the settings in precedence order and checks them, so that a bad setting stops the
     /// process at start with a message naming it rather than misbehaving later.

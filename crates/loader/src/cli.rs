@@ -95,12 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if settings.database.migrate_on_start {
         db::run_migrations(&target, &settings.database)?;
     }
-    // One connection per writer of a chunk (see `loader.writers`), and one reading ahead.
-    let pool = DbPool::sized(
-        &target,
-        &settings.database,
-        settings.loader.writers as u32 + 1,
-    )?;
+    let pool = DbPool::sized(&target, &settings.database, settings.loader.connections())?;
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
@@ -146,12 +141,12 @@ fn exit_code(report: &PassReport) -> ExitCode {
     }
 }
 
-/// The chunk limits: `--chunk-size` if given, else `loader.chunk_size`; `loader.chunk_max_bytes`.
+/// The chunk limits the settings give, with `--chunk-size` in place of `loader.chunk_size` if given.
 fn chunk_limits(settings: &Settings, chunk_size: Option<usize>) -> ChunkLimits {
+    let limits = ChunkLimits::from_settings(&settings.loader);
     ChunkLimits {
-        records: chunk_size.unwrap_or(settings.loader.chunk_size).max(1),
-        bytes: settings.loader.chunk_max_bytes,
-        writers: settings.loader.writers,
+        records: chunk_size.map_or(limits.records, |n| n.max(1)),
+        ..limits
     }
 }
 

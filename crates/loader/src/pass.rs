@@ -107,7 +107,7 @@ pub fn run_pass(
                 }
             }
         }
-        // A helper whose connection broke would fail every chunk it shares: drop it.
+        // A spare connection that broke would fail every chunk it shares: drop it.
         helpers.retain_mut(|h| crate::sql::ping(h).is_ok());
         if reader
             .as_mut()
@@ -329,19 +329,14 @@ impl TableCursor<'_> {
     /// its records in between (it was read without the lock); else the chunk read now.
     fn take_next(&mut self, conn: &mut Conn<'_>) -> QueryResult<Ahead> {
         let (client_id, table) = (self.client_id, self.table);
-        match self.ahead.take() {
-            Some(a)
-                if a.from == self.from
-                    && queue::still_staged(conn, client_id, table, &a.chunk)? =>
+        if let Some(ahead) = self.ahead.take() {
+            if ahead.from == self.from && queue::still_staged(conn, client_id, table, &ahead.chunk)?
             {
-                Ok(a)
+                return Ok(ahead);
             }
-            Some(_) => {
-                log::debug!("client {client_id} table {table}: read-ahead dropped, reading again");
-                Ahead::read(conn, client_id, table, self.from, self.limits)
-            }
-            None => Ahead::read(conn, client_id, table, self.from, self.limits),
+            log::debug!("client {client_id} table {table}: read-ahead dropped, reading again");
         }
+        Ahead::read(conn, client_id, table, self.from, self.limits)
     }
 }
 

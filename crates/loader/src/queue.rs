@@ -112,6 +112,17 @@ pub struct ChunkLimits {
     pub writers: usize,
 }
 
+impl ChunkLimits {
+    /// The limits `loader` sets (`chunk_size`, `chunk_max_bytes`, `writers`).
+    pub fn from_settings(loader: &intake_core::settings::LoaderSettings) -> ChunkLimits {
+        ChunkLimits {
+            records: loader.chunk_size.max(1),
+            bytes: loader.chunk_max_bytes,
+            writers: loader.writers,
+        }
+    }
+}
+
 /// A table's oldest staged records from sequence `from` on, in sequence order, within
 /// `limits`; and whether more may be waiting (the chunk was cut by one of the limits).
 /// A loader that has just loaded up to sequence N passes N + 1: the index entries of the

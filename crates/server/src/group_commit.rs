@@ -166,8 +166,10 @@ impl GroupCommitter {
             Ok(outcome) => outcome,
             // Past the deadline: refuse, unless a writer has taken the job, whose outcome
             // (commit or rollback) is then the answer.
-            Err(_) if Claim::settle(&claim, Claim::ABANDONED) => return Err(CommitError::Busy),
-            Err(_) if claim.load(Ordering::Acquire) == Claim::ABANDONED => {
+            Err(_)
+                if Claim::settle(&claim, Claim::ABANDONED)
+                    || claim.load(Ordering::Acquire) == Claim::ABANDONED =>
+            {
                 return Err(CommitError::Busy);
             }
             // Bounded all the same: a database that stops answering mid-commit must not
@@ -206,7 +208,7 @@ fn writer_loop(pool: &DbPool, receiver: &Mutex<mpsc::Receiver<Job>>) {
         };
         // A connection first, then only the requests still waiting are written: those past
         // their deadline were answered 503 and must not be stored behind their back.
-        let group = drop_expired(group);
+        let group = drop_late(group);
         let latest = group.iter().map(|job| job.deadline).max();
         let Some(latest) = latest else { continue };
         let wait = latest
@@ -222,12 +224,7 @@ fn writer_loop(pool: &DbPool, receiver: &Mutex<mpsc::Receiver<Job>>) {
                 continue;
             }
         };
-        // Only requests with more than the margin left are written (the others are answered
-        // now): one nearly late request must not cut the others' time.
-        let (group, late): (Vec<Job>, Vec<Job>) = group
-            .into_iter()
-            .partition(|job| job.deadline > Instant::now() + DEADLINE_MARGIN);
-        drop_expired_now(late);
+        let group = drop_late(group);
         // The database gives up a little before the earliest deadline, so that a request
         // answered 503 was really not stored (see `staging::append_all`).
         let Some(earliest) = group.iter().map(|job| job.deadline).min() else {
@@ -266,12 +263,13 @@ fn writer_loop(pool: &DbPool, receiver: &Mutex<mpsc::Receiver<Job>>) {
     }
 }
 
-/// Answers the jobs whose deadline has passed and keeps the others.
-fn drop_expired(group: Vec<Job>) -> Vec<Job> {
-    let now = Instant::now();
-    let (live, expired): (Vec<Job>, Vec<Job>) =
-        group.into_iter().partition(|job| job.deadline > now);
-    drop_expired_now(expired);
+/// Answers the jobs that can no longer be written in time (less than [`DEADLINE_MARGIN`]
+/// left) and keeps the others: a nearly late request must not cut its group's budget.
+fn drop_late(group: Vec<Job>) -> Vec<Job> {
+    let cutoff = Instant::now() + DEADLINE_MARGIN;
+    let (live, late): (Vec<Job>, Vec<Job>) =
+        group.into_iter().partition(|job| job.deadline > cutoff);
+    drop_expired_now(late);
     live
 }
 

@@ -91,17 +91,10 @@ pub fn serve(settings: Settings) -> anyhow::Result<()> {
         EmbeddedLoader::Auto => target.is_sqlite(),
     };
     if embedded {
-        let loader_pool = DbPool::sized(
-            &target,
-            &settings.database,
-            settings.loader.writers as u32 + 1,
-        )?;
+        let loader_pool =
+            DbPool::sized(&target, &settings.database, settings.loader.connections())?;
         let every = Duration::from_secs(settings.loader.embedded_interval_secs.max(1));
-        let limits = intake_loader::queue::ChunkLimits {
-            records: settings.loader.chunk_size.max(1),
-            bytes: settings.loader.chunk_max_bytes,
-            writers: settings.loader.writers,
-        };
+        let limits = intake_loader::queue::ChunkLimits::from_settings(&settings.loader);
         intake_loader::embedded::spawn(loader_pool, every, limits)?;
         log::info!(
             "in-process loader: a pass every {}s (loader.embedded)",
