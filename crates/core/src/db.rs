@@ -161,7 +161,10 @@ impl DbPool {
 
     /// A pool of at most `size` connections for a tool that knows how many it uses at once.
     /// It opens them only when asked, never in the background: a connection still
-    /// mid-handshake when a short-lived process exits can crash it.
+    /// mid-handshake when a short-lived process exits can crash it. A tool is no request with
+    /// a client waiting, so it waits for a connection as long as a statement may wait
+    /// (`statement_timeout_ms`): opening a SQLite connection briefly takes the write lock,
+    /// which another loader may be holding for a whole chunk.
     pub fn sized(
         target: &DatabaseTarget,
         settings: &DatabaseSettings,
@@ -169,6 +172,9 @@ impl DbPool {
     ) -> anyhow::Result<DbPool> {
         let settings = DatabaseSettings {
             pool_size: size.max(1),
+            checkout_timeout_ms: settings
+                .checkout_timeout_ms
+                .max(settings.statement_timeout_ms),
             ..settings.clone()
         };
         DbPool::build(target, &settings, 0)
