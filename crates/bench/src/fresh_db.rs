@@ -75,6 +75,11 @@ impl FreshDb {
         &self.url
     }
 
+    /// The PostgreSQL database's name (None for SQLite).
+    pub fn pg_name(&self) -> Option<&str> {
+        self.pg_name.as_deref()
+    }
+
     pub fn pool(&self) -> anyhow::Result<DbPool> {
         DbPool::new(&DatabaseTarget::parse(&self.url)?, &settings())
     }
