@@ -46,26 +46,24 @@ pub fn insert_rows(
     match conn.dialect() {
         Dialect::Postgres => {
             let params = column_arrays(rows, columns);
-            let mut sources = Vec::with_capacity(columns.len());
-            let mut selects = Vec::with_capacity(columns.len());
-            for (i, (_, t)) in columns.iter().enumerate() {
-                let array_type = match t {
-                    ColType::Json => "text".to_owned(),
-                    other => Dialect::Postgres.sql_type(*other).to_owned(),
-                };
-                sources.push(format!("${}::{array_type}[]", i + 1));
-                selects.push(match t {
-                    ColType::Json => format!("u.c{i}::jsonb"),
-                    _ => format!("u.c{i}"),
-                });
-            }
-            let aliases: Vec<String> = (0..columns.len()).map(|i| format!("c{i}")).collect();
+            // `unnest` in the select list (one per column, in lockstep) streams the rows;
+            // `FROM unnest(a, b, ...)` would first copy them all into a tuple store.
+            let selects: Vec<String> = columns
+                .iter()
+                .enumerate()
+                .map(|(i, (_, t))| match t {
+                    ColType::Json => format!("unnest(${}::text[])::jsonb", i + 1),
+                    other => format!(
+                        "unnest(${}::{}[])",
+                        i + 1,
+                        Dialect::Postgres.sql_type(*other)
+                    ),
+                })
+                .collect();
             let sql = format!(
-                "INSERT INTO {table_ref} AS t ({}) SELECT {} FROM unnest({}) AS u({}) {tail}",
+                "INSERT INTO {table_ref} AS t ({}) SELECT {} {tail}",
                 names.join(", "),
                 selects.join(", "),
-                sources.join(", "),
-                aliases.join(", ")
             );
             run(conn, &sql, params, returning)
         }

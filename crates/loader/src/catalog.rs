@@ -568,9 +568,10 @@ fn fit_system_name(name: &str, original: &str) -> String {
     }
 }
 
-/// Where a cell goes: a column (with the cell as stored there), or the overflow column.
+/// Where a cell goes: a column, with the cell converted for it when the column has another
+/// type (`None`: stored as it is), or the overflow column.
 pub enum Placement {
-    Column(String, Cell),
+    Column(String, Option<Cell>),
     Overflow,
 }
 
@@ -586,14 +587,14 @@ pub fn place_cell(catalog: &mut Catalog, table_key: &str, path: &str, cell: &Cel
             return if col == OVERFLOW_COLUMN {
                 Placement::Overflow
             } else {
-                Placement::Column(col.clone(), cell.clone())
+                Placement::Column(col.clone(), None)
             };
         }
         if let Some((home_type, home)) = columns.first()
             && home != OVERFLOW_COLUMN
             && let Some(coerced) = cell.coerce_to(*home_type)
         {
-            return Placement::Column(home.clone(), coerced);
+            return Placement::Column(home.clone(), Some(coerced));
         }
     }
     if info.used.len() >= MAX_COLUMNS {
@@ -620,7 +621,7 @@ pub fn place_cell(catalog: &mut Catalog, table_key: &str, path: &str, cell: &Cel
         Some(home) => assign_sibling(info, path, &home, t, ddl, table_key),
         None => assign_column(info, path, t, ddl, table_key, false),
     };
-    Placement::Column(column, cell.clone())
+    Placement::Column(column, None)
 }
 
 /// Adds the overflow column to a table (once).

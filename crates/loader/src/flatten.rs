@@ -66,7 +66,7 @@ impl OpenPath {
         if self.0.len() > 1 {
             text.push(',');
         }
-        text.push_str(&serde_json::to_string(segment).unwrap_or_default());
+        push_json_string(&mut text, segment);
         OpenPath(text)
     }
 
@@ -75,6 +75,18 @@ impl OpenPath {
         text.push_str(&self.0);
         text.push(']');
         text
+    }
+}
+
+/// Appends `s` as a JSON string. Field names rarely need escaping, so the common case is a
+/// plain copy (this runs for every field of every record).
+fn push_json_string(text: &mut String, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        text.push('"');
+        text.push_str(s);
+        text.push('"');
+    } else {
+        text.push_str(&serde_json::to_string(s).unwrap_or_default());
     }
 }
 
@@ -300,6 +312,28 @@ mod tests {
             vec!["a\"b".to_owned(), "[,]".to_owned()]
         );
         assert_eq!(&path_key(&path_segments(key)), key);
+    }
+
+    #[test]
+    fn path_segments_are_escaped_as_serde_json_would() {
+        for name in [
+            "plain",
+            "café ✓",
+            "a\"b",
+            "back\\slash",
+            "tab\there",
+            "nul\0",
+            "del\u{7f}",
+            "",
+        ] {
+            let mut text = String::new();
+            push_json_string(&mut text, name);
+            assert_eq!(
+                text,
+                serde_json::to_string(name).expect("serializes"),
+                "{name:?}"
+            );
+        }
     }
 
     #[test]

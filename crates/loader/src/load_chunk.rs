@@ -271,16 +271,13 @@ fn load_records(
         parts[share_of[i]].seqs.push(a.staged.seq);
     }
     for &i in &candidates {
-        let a = &accepted[i];
+        let a = &mut accepted[i];
         let per_table = &mut parts[share_of[i]].tables;
         let seq = a.staged.seq;
         let received = Val::Time(a.staged.received_at);
-        let cells = a
-            .flat
-            .root
-            .cells
-            .iter()
-            .filter(|(path, _)| !key_paths.contains(path));
+        // The cells move into the rows: text is most of a chunk's bytes.
+        let mut cells = std::mem::take(&mut a.flat.root.cells);
+        cells.retain(|(path, _)| !key_paths.contains(path));
         let row = assemble_row(&mut catalog, per_table, EMPTY_PATH, cells);
         per_table
             .entry(EMPTY_PATH.to_owned())
@@ -298,10 +295,11 @@ fn load_records(
                     .as_ref()
                     .map(|m| (m.client_seq, m.table_version)),
             });
-        for child in &a.flat.children {
+        for child in std::mem::take(&mut a.flat.children) {
             let child_key = catalog.child_table(&child.array_path, child.positions.len())?;
-            let row = assemble_row(&mut catalog, per_table, &child_key, child.row.cells.iter());
-            let mut keys = a.key_values.clone();
+            let row = assemble_row(&mut catalog, per_table, &child_key, child.row.cells);
+            let mut keys = Vec::with_capacity(a.key_values.len() + child.positions.len());
+            keys.extend(a.key_values.iter().cloned());
             keys.extend(child.positions.iter().map(|p| Val::Int(*p)));
             per_table
                 .entry(child_key)
@@ -542,25 +540,25 @@ const PG_ROW_BUDGET: usize = 6000;
 /// Places a row's cells into columns of table `table_key`, returning the values by column
 /// index and any overflow fields. On PostgreSQL, values that would push the row past
 /// [`PG_ROW_BUDGET`] go to the overflow column instead of failing the row.
-fn assemble_row<'c>(
+fn assemble_row(
     catalog: &mut Catalog,
     per_table: &mut FxHashMap<String, TableRows>,
     table_key: &str,
-    cells: impl Iterator<Item = &'c (String, Cell)>,
+    cells: Vec<(String, Cell)>,
 ) -> (
     Vec<(usize, Val)>,
     serde_json::Map<String, serde_json::Value>,
 ) {
     let budget = (catalog.dialect == Dialect::Postgres).then_some(PG_ROW_BUDGET);
     let mut size = 0usize;
-    let mut values = Vec::new();
+    let mut values = Vec::with_capacity(cells.len());
     let mut overflow = serde_json::Map::new();
     for (path, cell) in cells {
-        match place_cell(catalog, table_key, path, cell) {
-            Placement::Column(name, stored) => {
-                let width = inline_width(&stored);
+        match place_cell(catalog, table_key, &path, &cell) {
+            Placement::Column(name, converted) => {
+                let width = inline_width(converted.as_ref().unwrap_or(&cell));
                 if budget.is_some_and(|b| size + width > b) {
-                    overflow.insert(path_segments(path).join("."), cell.to_json());
+                    overflow.insert(path_segments(&path).join("."), cell.to_json());
                     continue;
                 }
                 size += width;
@@ -568,10 +566,10 @@ fn assemble_row<'c>(
                     Some(rows) => rows,
                     None => per_table.entry(table_key.to_owned()).or_default(),
                 };
-                values.push((rows.column(&name), to_val(stored)));
+                values.push((rows.column(&name), to_val(converted.unwrap_or(cell))));
             }
             Placement::Overflow => {
-                overflow.insert(path_segments(path).join("."), cell.to_json());
+                overflow.insert(path_segments(&path).join("."), cell.to_json());
             }
         }
     }
@@ -873,7 +871,7 @@ fn delete_children(
         .take(width)
         .map(|(n, _)| quote(n))
         .collect();
-    let (source, params) = match d {
+    let (condition, params) = match d {
         Dialect::Postgres => {
             let arrays: Vec<String> = root
                 .key_columns
@@ -890,10 +888,19 @@ fn delete_children(
                     crate::bulk::column_param(column, *t)
                 })
                 .collect();
-            (
-                format!("SELECT * FROM unnest({})", arrays.join(", ")),
-                params,
-            )
+            let condition = if let [only] = arrays.as_slice() {
+                // One key column (the usual case): `= ANY` walks the index once for the
+                // whole array, about three times faster than a semi-join.
+                format!("{} = ANY({only})", child_keys[0])
+            } else {
+                let unnested: Vec<String> = arrays.iter().map(|a| format!("unnest({a})")).collect();
+                format!(
+                    "({}) IN (SELECT {})",
+                    child_keys.join(", "),
+                    unnested.join(", ")
+                )
+            };
+            (condition, params)
         }
         Dialect::Sqlite => {
             let picks: Vec<String> = (0..width)
@@ -904,7 +911,11 @@ fn delete_children(
                 .map(|k| serde_json::Value::Array(k.iter().map(crate::bulk::key_json).collect()))
                 .collect();
             (
-                format!("SELECT {} FROM json_each(?1)", picks.join(", ")),
+                format!(
+                    "({}) IN (SELECT {} FROM json_each(?1))",
+                    child_keys.join(", "),
+                    picks.join(", ")
+                ),
                 vec![Param::Text(Some(
                     serde_json::Value::Array(tuples).to_string(),
                 ))],
@@ -913,9 +924,8 @@ fn delete_children(
     };
     conn.execute(
         &format!(
-            "DELETE FROM {} WHERE ({}) IN ({source})",
+            "DELETE FROM {} WHERE {condition}",
             d.table_ref(catalog.client_id, &child.name),
-            child_keys.join(", "),
         ),
         params,
     )
