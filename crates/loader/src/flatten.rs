@@ -61,13 +61,24 @@ impl OpenPath {
     }
 
     fn child(&self, segment: &str) -> OpenPath {
-        let mut text = String::with_capacity(self.0.len() + segment.len() + 3);
+        OpenPath(self.extended(segment, 0))
+    }
+
+    /// `child(segment).closed()` in one allocation: the path of a scalar field.
+    fn closed_child(&self, segment: &str) -> String {
+        let mut text = self.extended(segment, 1);
+        text.push(']');
+        text
+    }
+
+    fn extended(&self, segment: &str, spare: usize) -> String {
+        let mut text = String::with_capacity(self.0.len() + segment.len() + 3 + spare);
         text.push_str(&self.0);
         if self.0.len() > 1 {
             text.push(',');
         }
         push_json_string(&mut text, segment);
-        OpenPath(text)
+        text
     }
 
     fn closed(&self) -> String {
@@ -102,7 +113,8 @@ impl OpenLevels {
 
     /// One array level deeper, at `path` relative to the current element.
     fn deeper(&self, path: &OpenPath) -> OpenLevels {
-        let mut text = self.0.clone();
+        let mut text = String::with_capacity(self.0.len() + path.0.len() + 2);
+        text.push_str(&self.0);
         if text.len() > 1 {
             text.push(',');
         }
@@ -183,9 +195,24 @@ fn flatten_object(
     row: &mut Row,
     out: &mut FlatRecord,
 ) {
+    // Sized up front: growing these vectors one push at a time cost more than filling them.
+    row.cells.reserve(fields.len());
     for (name, value) in fields {
         out.has_nul |= name.contains('\0');
-        flatten_value(value, &prefix.child(&name), at, row, out);
+        match value {
+            Value::Null => {}
+            Value::Object(_) | Value::Array(_) => {
+                flatten_value(value, &prefix.child(&name), at, row, out)
+            }
+            scalar => push_scalar(scalar, prefix.closed_child(&name), row, out),
+        }
+    }
+}
+
+fn push_scalar(value: Value, path: String, row: &mut Row, out: &mut FlatRecord) {
+    if let Some(cell) = scalar_cell(value) {
+        note_nul(&cell, out);
+        row.cells.push((path, cell));
     }
 }
 
@@ -207,8 +234,10 @@ fn flatten_value(
         Value::Array(items) => {
             let table_path = at.table_path.deeper(path);
             let array_path = table_path.closed();
+            out.children.reserve(items.len());
             for (index, item) in items.into_iter().enumerate() {
-                let mut positions = at.positions.clone();
+                let mut positions = Vec::with_capacity(at.positions.len() + 1);
+                positions.extend_from_slice(&at.positions);
                 positions.push(index as i64);
                 let inner = ArrayContext {
                     table_path: table_path.clone(),
@@ -240,12 +269,7 @@ fn flatten_value(
                 });
             }
         }
-        scalar => {
-            if let Some(cell) = scalar_cell(scalar) {
-                note_nul(&cell, out);
-                row.cells.push((path.closed(), cell));
-            }
-        }
+        scalar => push_scalar(scalar, path.closed(), row, out),
     }
 }
 

@@ -759,7 +759,8 @@ fn write_table(
                  received,
                  stitch,
              }| {
-                let mut row = keys;
+                let mut row = Vec::with_capacity(columns.len());
+                row.extend(keys);
                 let first_data = row.len();
                 row.resize(first_data + data_width, Val::Null);
                 for (i, v) in cells {
