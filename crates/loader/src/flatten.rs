@@ -6,8 +6,9 @@
 //! per cell that is at once the catalog's lookup key and a lossless record of the original
 //! names, which are only decoded when a new column has to be named.
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
 
+use crate::json_tree::{self, Json};
 use crate::value_types::{Cell, scalar_cell};
 
 /// A row of one table: its non-null cells by field path (JSON text of the path).
@@ -146,22 +147,24 @@ pub fn flatten_record(text: &str) -> Result<FlatRecord, String> {
 /// Flattens a record. `key_names` (a JSON array of field names) comes with Stitch records,
 /// whose data is all fields: a field named `keys` is then data like any other.
 pub fn flatten_with_keys(text: &str, key_names: Option<&str>) -> Result<FlatRecord, String> {
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| format!("record is not valid JSON: {e}"))?;
-    let Value::Object(mut fields) = value else {
+    let value = json_tree::parse(text).map_err(|e| format!("record is not valid JSON: {e}"))?;
+    let Json::Object(mut fields) = value else {
         return Err("record is not a JSON object".into());
     };
     let declared = match key_names {
         Some(names) => {
-            Some(serde_json::from_str(names).map_err(|e| format!("key_names is not JSON: {e}"))?)
+            Some(json_tree::parse(names).map_err(|e| format!("key_names is not JSON: {e}"))?)
         }
-        None => fields.remove("keys"),
+        None => fields
+            .iter()
+            .position(|(name, _)| name == "keys")
+            .map(|i| fields.remove(i).1),
     };
     let keys: Vec<String> = match declared {
-        Some(Value::Array(names)) => names
+        Some(Json::Array(names)) => names
             .into_iter()
             .map(|n| match n {
-                Value::String(s) => Ok(s),
+                Json::Str(s) => Ok(s.into_owned()),
                 _ => Err("\"keys\" holds a non-string".to_owned()),
             })
             .collect::<Result<_, _>>()?,
@@ -189,7 +192,7 @@ struct ArrayContext {
 }
 
 fn flatten_object(
-    fields: Map<String, Value>,
+    fields: Vec<(Cow<'_, str>, Json<'_>)>,
     prefix: &OpenPath,
     at: &ArrayContext,
     row: &mut Row,
@@ -200,8 +203,8 @@ fn flatten_object(
     for (name, value) in fields {
         out.has_nul |= name.contains('\0');
         match value {
-            Value::Null => {}
-            Value::Object(_) | Value::Array(_) => {
+            Json::Null => {}
+            Json::Object(_) | Json::Array(_) => {
                 flatten_value(value, &prefix.child(&name), at, row, out)
             }
             scalar => push_scalar(scalar, prefix.closed_child(&name), row, out),
@@ -209,7 +212,7 @@ fn flatten_object(
     }
 }
 
-fn push_scalar(value: Value, path: String, row: &mut Row, out: &mut FlatRecord) {
+fn push_scalar(value: Json<'_>, path: String, row: &mut Row, out: &mut FlatRecord) {
     if let Some(cell) = scalar_cell(value) {
         note_nul(&cell, out);
         row.cells.push((path, cell));
@@ -217,21 +220,21 @@ fn push_scalar(value: Value, path: String, row: &mut Row, out: &mut FlatRecord) 
 }
 
 fn flatten_value(
-    value: Value,
+    value: Json<'_>,
     path: &OpenPath,
     at: &ArrayContext,
     row: &mut Row,
     out: &mut FlatRecord,
 ) {
     match value {
-        Value::Null => {}
-        Value::Object(fields) => flatten_object(fields, path, at, row, out),
-        Value::Array(items) if at.positions.len() >= MAX_ARRAY_LEVELS => {
-            let text = serde_json::to_string(&Value::Array(items)).unwrap_or_default();
+        Json::Null => {}
+        Json::Object(fields) => flatten_object(fields, path, at, row, out),
+        Json::Array(items) if at.positions.len() >= MAX_ARRAY_LEVELS => {
+            let text = Json::Array(items).into_value().to_string();
             out.has_nul |= text.contains("\\u0000");
             row.cells.push((path.closed(), Cell::Text(text)));
         }
-        Value::Array(items) => {
+        Json::Array(items) => {
             let table_path = at.table_path.deeper(path);
             let array_path = table_path.closed();
             out.children.reserve(items.len());
@@ -245,10 +248,10 @@ fn flatten_value(
                 };
                 let mut child = Row::default();
                 match item {
-                    Value::Object(fields) => {
+                    Json::Object(fields) => {
                         flatten_object(fields, &OpenPath::root(), &inner, &mut child, out)
                     }
-                    Value::Array(_) => flatten_value(
+                    Json::Array(_) => flatten_value(
                         item,
                         &OpenPath::root().child(ELEMENT_SEGMENT),
                         &inner,

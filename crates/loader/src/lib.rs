@@ -12,6 +12,7 @@ pub mod dialect;
 pub mod embedded;
 pub mod flatten;
 pub mod identifiers;
+pub mod json_tree;
 pub mod load_chunk;
 pub mod pass;
 pub mod queue;

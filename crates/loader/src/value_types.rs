@@ -2,6 +2,8 @@
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 
+use crate::json_tree::Json;
+
 /// A warehouse column type. Each backend spells it in [`crate::dialect`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ColType {
@@ -106,25 +108,31 @@ impl Cell {
 
 /// The cell for a JSON scalar. Integers beyond 64 bits stay exact as text; strings that are
 /// ISO-8601 date-times (with `T` or a space, naive ones read as UTC) become timestamps.
-pub fn scalar_cell(value: serde_json::Value) -> Option<Cell> {
+pub fn scalar_cell(value: Json<'_>) -> Option<Cell> {
     match value {
-        serde_json::Value::Bool(b) => Some(Cell::Bool(b)),
-        serde_json::Value::Number(n) => Some(if let Some(i) = n.as_i64() {
-            Cell::Int(i)
-        } else {
-            // serde_json keeps the number's text (arbitrary_precision): integers beyond 64
-            // bits, and numbers no double can hold (1e400), stay exact as text.
-            let text = n.to_string();
-            match n.as_f64() {
-                Some(f) if f.is_finite() && text.contains(['.', 'e', 'E']) => Cell::Float(f),
-                _ => Cell::Text(text),
-            }
-        }),
-        serde_json::Value::String(s) => Some(match parse_datetime(&s) {
-            Some(t) => Cell::Time(t, s),
-            None => Cell::Text(s),
-        }),
-        _ => None,
+        Json::Bool(b) => Some(Cell::Bool(b)),
+        Json::Int(i) => Some(Cell::Int(i)),
+        Json::Number(text) => Some(number_cell(text)),
+        Json::Str(s) => {
+            let s = s.into_owned();
+            Some(match parse_datetime(&s) {
+                Some(t) => Cell::Time(t, s),
+                None => Cell::Text(s),
+            })
+        }
+        Json::Null | Json::Array(_) | Json::Object(_) => None,
+    }
+}
+
+/// A number as written in the record: an integer that fits 64 bits, a finite decimal, or
+/// else (integers beyond 64 bits, numbers no double can hold, like 1e400) its exact text.
+fn number_cell(text: String) -> Cell {
+    if let Ok(i) = text.parse::<i64>() {
+        return Cell::Int(i);
+    }
+    match text.parse::<f64>() {
+        Ok(f) if f.is_finite() && text.contains(['.', 'e', 'E']) => Cell::Float(f),
+        _ => Cell::Text(text),
     }
 }
 
@@ -161,7 +169,6 @@ pub fn parse_datetime(s: &str) -> Option<DateTime<Utc>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn date_times_are_recognised() {
@@ -195,21 +202,31 @@ mod tests {
 
     #[test]
     fn scalars_get_types_without_losing_anything() {
-        assert_eq!(scalar_cell(json!(7)), Some(Cell::Int(7)));
-        assert_eq!(scalar_cell(json!(1.5)), Some(Cell::Float(1.5)));
+        let cell = |text: &str| scalar_cell(crate::json_tree::parse(text).expect("parses"));
+        assert_eq!(cell("7"), Some(Cell::Int(7)));
+        assert_eq!(cell("-0"), Some(Cell::Int(0)));
+        assert_eq!(cell("1.5"), Some(Cell::Float(1.5)));
+        assert_eq!(cell("1e3"), Some(Cell::Float(1000.0)));
         assert_eq!(
-            scalar_cell(json!(u64::MAX)),
+            cell(&u64::MAX.to_string()),
             Some(Cell::Text(u64::MAX.to_string()))
         );
-        assert_eq!(scalar_cell(json!(true)), Some(Cell::Bool(true)));
-        assert_eq!(scalar_cell(json!(null)), None);
+        // serde_json writes the exponent's sign.
+        assert_eq!(cell("1e400"), Some(Cell::Text("1e+400".into())));
+        assert_eq!(
+            cell("123456789012345678901234567890.5"),
+            Some(Cell::Float(123456789012345678901234567890.5))
+        );
+        assert_eq!(cell("true"), Some(Cell::Bool(true)));
+        assert_eq!(cell("null"), None);
+        assert_eq!(cell("[1]"), None);
         assert_eq!(Cell::Float(1.5).coerce_to(ColType::BigInt), None);
         assert_eq!(
             Cell::Int(3).coerce_to(ColType::Double),
             Some(Cell::Float(3.0))
         );
         assert_eq!(Cell::Int(i64::MAX).coerce_to(ColType::Double), None);
-        let t = scalar_cell(json!("2024-01-01 00:00:00")).expect("cell");
+        let t = cell(r#""2024-01-01 00:00:00""#).expect("cell");
         assert_eq!(
             t.coerce_to(ColType::Text),
             Some(Cell::Text("2024-01-01 00:00:00".into()))
