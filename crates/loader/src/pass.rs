@@ -69,6 +69,11 @@ pub fn conn_of(db: &mut DbConn) -> Conn<'_> {
     }
 }
 
+/// SQLite page cache of a loading connection. A chunk touches the staging table, the
+/// warehouse tables and their indexes; with SQLite's default 2 MiB most of that was read
+/// again from the operating system on every chunk (about 9% of the loader's CPU).
+const SQLITE_CACHE_KIB: u32 = 32 * 1024;
+
 /// Loads everything pending, or stops between chunks once `stop` is set.
 pub fn run_pass(
     pool: &DbPool,
@@ -78,6 +83,9 @@ pub fn run_pass(
 ) -> anyhow::Result<PassReport> {
     let mut db = pool.get()?;
     let mut conn = conn_of(&mut db);
+    if conn.dialect() == crate::dialect::Dialect::Sqlite {
+        conn.batch(&format!("PRAGMA cache_size = -{SQLITE_CACHE_KIB}"))?;
+    }
     let mut extra = spare_connections(pool, limits.writers);
     let mut spare = extra.iter_mut().map(conn_of);
     let mut reader = spare.next();
