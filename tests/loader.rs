@@ -1223,6 +1223,8 @@ fn lossless_conversions_stay_in_the_first_column(backend: Backend) {
             json!({"id": 3, "keys": ["id"], "amount": -9007199254740992_i64}),
             // Beyond 2^53 a double cannot hold it exactly: a sibling column.
             json!({"id": 4, "keys": ["id"], "amount": 9007199254740993_i64}),
+            // Once the integer sibling exists, integers go there, later in the same chunk too.
+            json!({"id": 5, "keys": ["id"], "amount": 7}),
         ],
     );
     load(&db);
@@ -1244,6 +1246,7 @@ fn lossless_conversions_stay_in_the_first_column(backend: Backend) {
             json!([2, 3.0, "2024-03-01 10:20:30+0200", null]),
             json!([3, -9007199254740992.0, null, null]),
             json!([4, null, null, 9007199254740993_i64]),
+            json!([5, null, null, 7]),
         ]
     );
 }

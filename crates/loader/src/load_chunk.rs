@@ -55,6 +55,20 @@ struct TableRows {
     columns: Vec<String>,
     index: FxHashMap<String, usize>,
     rows: Vec<PendingRow>,
+    /// Where this chunk's cells went, by field path and type: later cells of the same path
+    /// and type go the same way without asking the catalog again (see [`Placed`]).
+    placed: FxHashMap<String, Vec<(ColType, Placed)>>,
+}
+
+/// Where cells of one path and type went. Within a chunk that does not change: a type's
+/// first column stays its column, and its overflow stays overflow. The exception is a
+/// conversion that depends on the value (an integer into a double column, exact only up to
+/// 2^53); a value it fails for asks the catalog, and the answer replaces this one.
+#[derive(Clone, Copy)]
+enum Placed {
+    Column(usize),
+    Converted(usize, ColType),
+    Overflow,
 }
 
 impl TableRows {
@@ -553,25 +567,53 @@ fn assemble_row(
     let mut size = 0usize;
     let mut values = Vec::with_capacity(cells.len());
     let mut overflow = serde_json::Map::new();
+    let rows = match per_table.get_mut(table_key) {
+        Some(rows) => rows,
+        None => per_table.entry(table_key.to_owned()).or_default(),
+    };
     for (path, cell) in cells {
-        match place_cell(catalog, table_key, &path, &cell) {
-            Placement::Column(name, converted) => {
-                let width = inline_width(converted.as_ref().unwrap_or(&cell));
-                if budget.is_some_and(|b| size + width > b) {
-                    overflow.insert(path_segments(&path).join("."), cell.to_json());
-                    continue;
-                }
-                size += width;
-                let rows = match per_table.get_mut(table_key) {
-                    Some(rows) => rows,
-                    None => per_table.entry(table_key.to_owned()).or_default(),
+        let t = cell.col_type();
+        let known = rows
+            .placed
+            .get(path.as_str())
+            .and_then(|seen| seen.iter().find(|(ct, _)| *ct == t))
+            .map(|(_, placed)| *placed);
+        let (column, converted) = match known {
+            Some(Placed::Column(i)) => (Some(i), None),
+            Some(Placed::Converted(i, to)) if let Some(c) = cell.coerce_to(to) => {
+                (Some(i), Some(c))
+            }
+            Some(Placed::Overflow) => (None, None),
+            _ => {
+                let (placed, column, converted) = match place_cell(catalog, table_key, &path, &cell)
+                {
+                    Placement::Column(name, converted) => {
+                        let i = rows.column(&name);
+                        let placed = match &converted {
+                            Some(c) => Placed::Converted(i, c.col_type()),
+                            None => Placed::Column(i),
+                        };
+                        (placed, Some(i), converted)
+                    }
+                    Placement::Overflow => (Placed::Overflow, None, None),
                 };
-                values.push((rows.column(&name), to_val(converted.unwrap_or(cell))));
+                let seen = rows.placed.entry(path.clone()).or_default();
+                seen.retain(|(ct, _)| *ct != t);
+                seen.push((t, placed));
+                (column, converted)
             }
-            Placement::Overflow => {
-                overflow.insert(path_segments(&path).join("."), cell.to_json());
-            }
+        };
+        let Some(column) = column else {
+            overflow.insert(path_segments(&path).join("."), cell.to_json());
+            continue;
+        };
+        let width = inline_width(converted.as_ref().unwrap_or(&cell));
+        if budget.is_some_and(|b| size + width > b) {
+            overflow.insert(path_segments(&path).join("."), cell.to_json());
+            continue;
         }
+        size += width;
+        values.push((column, to_val(converted.unwrap_or(cell))));
     }
     if !overflow.is_empty() {
         let Catalog { tables, ddl, .. } = catalog;
