@@ -2094,7 +2094,7 @@ fn a_database_error_rejects_only_the_records_at_fault(backend: Backend) {
     );
     push(&server, &key, "others", &[json!({"id": 1, "keys": ["id"]})]);
     load(&db);
-    refuse_n_from(&db, 100);
+    refuse_n_from(&db, "orders", 100);
     let records: Vec<Value> = (2..=11)
         .map(|id| {
             let n = if id == 5 || id == 9 { 500 } else { id };
@@ -2139,17 +2139,17 @@ fn a_database_error_rejects_only_the_records_at_fault(backend: Backend) {
     );
 }
 
-/// A rule the loader cannot know about: the database refuses rows of `orders` whose `n` is
-/// `limit` or more, with a message naming `n_below_{limit}`.
-fn refuse_n_from(db: &TestDb, limit: i64) {
-    let orders = table_ref(db.backend, CLIENT, "orders");
-    let rule = format!("n_below_{limit}");
+/// A rule the loader cannot know about: the database refuses rows of `table` whose `n` is
+/// `limit` or more, with a message naming `{table}_n_below_{limit}`.
+fn refuse_n_from(db: &TestDb, table: &str, limit: i64) {
+    let target = table_ref(db.backend, CLIENT, table);
+    let rule = format!("{table}_n_below_{limit}");
     DbConnection::open(db).execute(&match db.backend {
         Backend::Postgres => {
-            format!("ALTER TABLE {orders} ADD CONSTRAINT {rule} CHECK (n < {limit})")
+            format!("ALTER TABLE {target} ADD CONSTRAINT {rule} CHECK (n < {limit})")
         }
         Backend::Sqlite => format!(
-            "CREATE TRIGGER {rule} BEFORE INSERT ON {orders} WHEN NEW.n >= {limit} \
+            "CREATE TRIGGER {rule} BEFORE INSERT ON {target} WHEN NEW.n >= {limit} \
              BEGIN SELECT RAISE(ABORT, '{rule} violated'); END"
         ),
     });
@@ -2627,51 +2627,84 @@ fn a_large_chunk_loads_alike_with_one_writer_or_two(backend: Backend) {
 fn a_database_error_in_a_shared_chunk_rejects_only_the_record_at_fault(backend: Backend) {
     let db = TestDb::new(backend);
     let (server, key) = start(&db);
-    // Tables and columns first: a chunk that changes the schema is written by one connection.
-    push(
-        &server,
-        &key,
-        "orders",
-        &[json!({"id": 0, "keys": ["id"], "n": 0, "items": [0]})],
-    );
+    // On PostgreSQL the chunk is written in two shares. When the failing record is in the
+    // share the loader's own transaction writes, the other share commits before the chunk
+    // fails; when it is in the other share, nothing commits. The four tables put it in
+    // different shares (the share is a hash of the key), so both cases run.
+    let tables = [
+        ("orders", 777),
+        ("orders_b", 778),
+        ("orders_c", 779),
+        ("orders_d", 780),
+    ];
+    for (table, _) in tables {
+        // Tables and columns first: a chunk that changes the schema is written by one
+        // connection.
+        push(
+            &server,
+            &key,
+            table,
+            &[json!({"id": 0, "keys": ["id"], "n": 0, "items": [0]})],
+        );
+    }
     load(&db);
-    refuse_n_from(&db, 1000);
-    let records: Vec<Value> = (1..=1500)
-        .map(|id| {
-            let n = if id == 777 { 5000 } else { id % 1000 };
-            json!({"id": id, "keys": ["id"], "n": n, "items": [id, -id]})
-        })
-        .collect();
-    push(&server, &key, "orders", &records);
-    load(&db);
+    for (table, _) in tables {
+        refuse_n_from(&db, table, 1000);
+    }
+    for (table, bad) in tables {
+        let records: Vec<Value> = (1..=1500)
+            .map(|id| {
+                let n = if id == bad { 5000 } else { id % 1000 };
+                json!({"id": id, "keys": ["id"], "n": n, "items": [id, -id]})
+            })
+            .collect();
+        push(&server, &key, table, &records);
+    }
+    let out = load(&db);
     assert_staging_empty(&db);
 
-    let ids: Vec<i64> = rows(&db, "orders", "\"id\"")
-        .iter()
-        .map(|r| r["id"].as_i64().unwrap_or(-1))
-        .collect();
-    let expected: Vec<i64> = (0..=1500).filter(|id| *id != 777).collect();
-    assert_eq!(ids, expected);
-    assert_eq!(
-        warehouse_count(&db, CLIENT, "orders__items"),
-        1 + 2 * 1499,
-        "child rows of every loaded record, once"
-    );
-    let rejected = rows(&db, "_intake_rejected", "\"seq\"");
-    assert_eq!(rejected.len(), 1, "{rejected:#?}");
-    assert!(
-        rejected[0]["record"]
-            .as_str()
-            .is_some_and(|r| r.contains("\"id\":777")),
-        "{rejected:#?}"
-    );
     let history = rows(&db, "_intake_load_history", "\"id\"");
-    let sum = |f: &str| {
-        history
+    for (table, bad) in tables {
+        // The count the loader prints includes a share that committed before the chunk failed.
+        let expected_line =
+            format!("client {CLIENT} table {table}: loaded 1499 records, rejected 1");
+        assert!(
+            out.stderr.lines().any(|l| l.ends_with(&expected_line)),
+            "expected {expected_line:?} in:\n{}",
+            out.stderr
+        );
+        let ids: Vec<i64> = rows(&db, table, "\"id\"")
             .iter()
-            .map(|h| h[f].as_i64().unwrap_or(0))
-            .sum::<i64>()
-    };
-    assert_eq!(sum("records_loaded"), 1 + 1499, "{history:#?}");
-    assert_eq!(sum("records_rejected"), 1, "{history:#?}");
+            .map(|r| r["id"].as_i64().unwrap_or(-1))
+            .collect();
+        let expected: Vec<i64> = (0..=1500).filter(|id| *id != bad).collect();
+        assert_eq!(ids, expected, "{table}");
+        assert_eq!(
+            warehouse_count(&db, CLIENT, &format!("{table}__items")),
+            1 + 2 * 1499,
+            "{table}: child rows of every loaded record, once"
+        );
+        let of_table: Vec<&Value> = history
+            .iter()
+            .filter(|h| h["table_name"] == table)
+            .collect();
+        let sum = |f: &str| {
+            of_table
+                .iter()
+                .map(|h| h[f].as_i64().unwrap_or(0))
+                .sum::<i64>()
+        };
+        assert_eq!(sum("records_loaded"), 1 + 1499, "{table}: {of_table:#?}");
+        assert_eq!(sum("records_rejected"), 1, "{table}: {of_table:#?}");
+    }
+    let rejected = rows(&db, "_intake_rejected", "\"seq\"");
+    assert_eq!(rejected.len(), tables.len(), "{rejected:#?}");
+    for (_, bad) in tables {
+        assert!(
+            rejected.iter().any(|r| r["record"]
+                .as_str()
+                .is_some_and(|r| r.contains(&format!("\"id\":{bad},")))),
+            "{bad}: {rejected:#?}"
+        );
+    }
 }

@@ -214,6 +214,7 @@ fn load_table(
         limits,
         from: i64::MIN,
         ahead: None,
+        attempted: None,
     };
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -253,6 +254,12 @@ fn load_table(
                     result.error = Some(format!("database unavailable: {e}"));
                     return;
                 }
+                if let Some(attempted) = cursor.attempted.take() {
+                    match committed_before_failing(conn, client_id, &table, attempted) {
+                        Ok(n) => result.loaded += n,
+                        Err(e) => log::warn!("could not count the shares that committed: {e}"),
+                    }
+                }
                 if is_transient(&e) {
                     // Lock or statement timeouts, deadlocks, a busy SQLite file: nothing is
                     // wrong with the records, so they stay staged for the next pass.
@@ -288,6 +295,9 @@ struct TableCursor<'t> {
     from: i64,
     /// The next chunk, if it was read while the one before it was written.
     ahead: Option<Ahead>,
+    /// The chunk being loaded (first and last sequence, and how many records), until it
+    /// is loaded: if it fails, shares of it may have committed (see [`committed_before_failing`]).
+    attempted: Option<(i64, i64, usize)>,
 }
 
 impl TableCursor<'_> {
@@ -317,6 +327,7 @@ impl TableCursor<'_> {
             return Ok(Step::Done);
         };
         let next = last.saturating_add(1);
+        self.attempted = Some((first, last, chunk.len()));
         let (outcome, read_ahead) = std::thread::scope(|scope| {
             let reading = match (more, reader) {
                 (true, Some(r)) => {
@@ -330,7 +341,9 @@ impl TableCursor<'_> {
             (outcome, read_ahead)
         });
         self.ahead = read_ahead;
-        Ok(Step::Loaded(outcome?, chunk.len(), first, last, more))
+        let outcome = outcome?;
+        self.attempted = None;
+        Ok(Step::Loaded(outcome, chunk.len(), first, last, more))
     }
 
     /// The chunk read ahead if it starts where this pass is and no other loader took any of
@@ -346,6 +359,24 @@ impl TableCursor<'_> {
         }
         Ahead::read(conn, client_id, table, self.from, self.limits)
     }
+}
+
+/// How many records of a failed chunk shares written by helper connections committed (their
+/// records left staging, and stay loaded) before another share failed and the chunk's own
+/// transaction rolled back. Counted under the table's lock, so no other loader's work counts.
+fn committed_before_failing(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    (first, last, records): (i64, i64, usize),
+) -> QueryResult<usize> {
+    let left = in_transaction(conn, |c| {
+        if !lock_table(c, client_id, table)? {
+            return Ok(None);
+        }
+        queue::count_range(c, client_id, table, first, last).map(Some)
+    })?;
+    Ok(left.map_or(0, |left| records.saturating_sub(left)))
 }
 
 /// Re-reads the failed chunk and loads it in halves, recursively, rejecting single records
