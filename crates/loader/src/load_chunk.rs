@@ -72,6 +72,47 @@ enum Placed {
 }
 
 impl TableRows {
+    /// The column (by index) a cell goes to, with the cell converted for it where it must
+    /// be; `None`: the overflow column. Asks the catalog only for a path and type new to
+    /// this chunk (see [`Placed`]).
+    fn place(
+        &mut self,
+        catalog: &mut Catalog,
+        table_key: &str,
+        path: &str,
+        cell: &Cell,
+    ) -> Option<(usize, Option<Cell>)> {
+        let t = cell.col_type();
+        let known = self
+            .placed
+            .get(path)
+            .and_then(|seen| seen.iter().find(|(ct, _)| *ct == t))
+            .map(|(_, placed)| *placed);
+        match known {
+            Some(Placed::Column(i)) => return Some((i, None)),
+            Some(Placed::Converted(i, to)) if let Some(c) = cell.coerce_to(to) => {
+                return Some((i, Some(c)));
+            }
+            Some(Placed::Overflow) => return None,
+            _ => {}
+        }
+        let (placed, answer) = match place_cell(catalog, table_key, path, cell) {
+            Placement::Column(name, converted) => {
+                let i = self.column(&name);
+                let placed = match &converted {
+                    Some(c) => Placed::Converted(i, c.col_type()),
+                    None => Placed::Column(i),
+                };
+                (placed, Some((i, converted)))
+            }
+            Placement::Overflow => (Placed::Overflow, None),
+        };
+        let seen = self.placed.entry(path.to_owned()).or_default();
+        seen.retain(|(ct, _)| *ct != t);
+        seen.push((t, placed));
+        answer
+    }
+
     fn column(&mut self, name: &str) -> usize {
         if let Some(i) = self.index.get(name) {
             return *i;
@@ -572,38 +613,7 @@ fn assemble_row(
         None => per_table.entry(table_key.to_owned()).or_default(),
     };
     for (path, cell) in cells {
-        let t = cell.col_type();
-        let known = rows
-            .placed
-            .get(path.as_str())
-            .and_then(|seen| seen.iter().find(|(ct, _)| *ct == t))
-            .map(|(_, placed)| *placed);
-        let (column, converted) = match known {
-            Some(Placed::Column(i)) => (Some(i), None),
-            Some(Placed::Converted(i, to)) if let Some(c) = cell.coerce_to(to) => {
-                (Some(i), Some(c))
-            }
-            Some(Placed::Overflow) => (None, None),
-            _ => {
-                let (placed, column, converted) = match place_cell(catalog, table_key, &path, &cell)
-                {
-                    Placement::Column(name, converted) => {
-                        let i = rows.column(&name);
-                        let placed = match &converted {
-                            Some(c) => Placed::Converted(i, c.col_type()),
-                            None => Placed::Column(i),
-                        };
-                        (placed, Some(i), converted)
-                    }
-                    Placement::Overflow => (Placed::Overflow, None, None),
-                };
-                let seen = rows.placed.entry(path.clone()).or_default();
-                seen.retain(|(ct, _)| *ct != t);
-                seen.push((t, placed));
-                (column, converted)
-            }
-        };
-        let Some(column) = column else {
+        let Some((column, converted)) = rows.place(catalog, table_key, &path, &cell) else {
             overflow.insert(path_segments(&path).join("."), cell.to_json());
             continue;
         };
