@@ -31,6 +31,7 @@ both_backends!(
     an_older_record_never_overwrites_a_newer_one,
     a_value_of_another_type_goes_to_a_typed_sibling_column,
     lossless_conversions_stay_in_the_first_column,
+    an_integer_column_made_mid_chunk_takes_every_later_integer,
     column_names_are_cleaned_shortened_and_recorded,
     fields_whose_names_collide_get_distinct_columns,
     hostile_field_names_load_without_touching_system_columns,
@@ -1249,6 +1250,41 @@ fn lossless_conversions_stay_in_the_first_column(backend: Backend) {
             json!([5, null, null, 7]),
         ]
     );
+}
+
+/// A chunk large enough to be written in shares (PostgreSQL): the integer column made for a
+/// value a double cannot hold takes every later integer of the chunk, whichever share it is in.
+fn an_integer_column_made_mid_chunk_takes_every_later_integer(backend: Backend) {
+    let db = TestDb::new(backend);
+    let (server, key) = start(&db);
+    push(
+        &server,
+        &key,
+        "measures",
+        &[json!({"id": 0, "keys": ["id"], "amount": 2.5})],
+    );
+    load(&db);
+    const BIG: i64 = 9_007_199_254_740_993;
+    let records: Vec<Value> = (1..=1500)
+        .map(|id| json!({"id": id, "keys": ["id"], "amount": if id == 750 { BIG } else { id }}))
+        .collect();
+    push(&server, &key, "measures", &records);
+    load(&db);
+    let measures = rows(&db, "measures", "\"id\"");
+    assert_eq!(measures.len(), 1501);
+    for row in &measures[1..] {
+        let id = row["id"].as_i64().unwrap_or(-1);
+        let expected = if id < 750 {
+            json!([id, id as f64, null])
+        } else {
+            json!([id, null, if id == 750 { BIG } else { id }])
+        };
+        assert_eq!(
+            json!([row["id"], row["amount"], row["amount__it"]]),
+            expected,
+            "id {id}"
+        );
+    }
 }
 
 fn column_names_are_cleaned_shortened_and_recorded(backend: Backend) {

@@ -60,21 +60,21 @@ struct TableRows {
     placed: FxHashMap<String, Vec<(ColType, Placed)>>,
 }
 
-/// Where cells of one path and type went. Within a chunk that does not change: a type's
-/// first column stays its column, and its overflow stays overflow. The exception is a
-/// conversion that depends on the value (an integer into a double column, exact only up to
-/// 2^53); a value it fails for asks the catalog, and the answer replaces this one.
+/// Where cells of one path and type went, when that cannot change while the chunk loads: a
+/// type's own column stays its column, and overflow stays overflow. A cell converted for a
+/// column of another type is not remembered: whether an integer fits a double column exactly
+/// depends on its value, and once one does not, the integer column made for it (perhaps by
+/// another share of the chunk, with rows of its own) is where integers go from then on.
 #[derive(Clone, Copy)]
 enum Placed {
     Column(usize),
-    Converted(usize, ColType),
     Overflow,
 }
 
 impl TableRows {
     /// The column (by index) a cell goes to, with the cell converted for it where it must
-    /// be; `None`: the overflow column. Asks the catalog only for a path and type new to
-    /// this chunk (see [`Placed`]).
+    /// be; `None`: the overflow column. Asks the catalog only for what it cannot remember
+    /// (see [`Placed`]).
     fn place(
         &mut self,
         catalog: &mut Catalog,
@@ -90,26 +90,23 @@ impl TableRows {
             .map(|(_, placed)| *placed);
         match known {
             Some(Placed::Column(i)) => return Some((i, None)),
-            Some(Placed::Converted(i, to)) if let Some(c) = cell.coerce_to(to) => {
-                return Some((i, Some(c)));
-            }
             Some(Placed::Overflow) => return None,
-            _ => {}
+            None => {}
         }
         let (placed, answer) = match place_cell(catalog, table_key, path, cell) {
-            Placement::Column(name, converted) => {
+            Placement::Column(name, Some(converted)) => {
+                return Some((self.column(&name), Some(converted)));
+            }
+            Placement::Column(name, None) => {
                 let i = self.column(&name);
-                let placed = match &converted {
-                    Some(c) => Placed::Converted(i, c.col_type()),
-                    None => Placed::Column(i),
-                };
-                (placed, Some((i, converted)))
+                (Placed::Column(i), Some((i, None)))
             }
             Placement::Overflow => (Placed::Overflow, None),
         };
-        let seen = self.placed.entry(path.to_owned()).or_default();
-        seen.retain(|(ct, _)| *ct != t);
-        seen.push((t, placed));
+        self.placed
+            .entry(path.to_owned())
+            .or_default()
+            .push((t, placed));
         answer
     }
 
@@ -128,7 +125,8 @@ impl TableRows {
 /// transaction of their own (see [`write_in_parallel`]).
 /// An activate_version marker splits the chunk: the records before it are loaded, then the
 /// table's older versions are removed, then the records after it are loaded.
-/// `flat` holds each record's [`parse_chunk`] result, in order.
+/// `flat` holds each record's [`parse_chunk`] result, in order. `helper_commits` grows by
+/// the records whose shares helpers committed: they stay loaded if the chunk then fails.
 pub fn load_chunk(
     conn: &mut Conn<'_>,
     helpers: &mut [Conn<'_>],
@@ -136,6 +134,7 @@ pub fn load_chunk(
     table: &str,
     chunk: &[Staged],
     flat: Vec<Parsed>,
+    helper_commits: &mut usize,
 ) -> QueryResult<ChunkOutcome> {
     // A marker's deletes hold row locks in the caller's transaction that a helper could wait
     // on while the caller waits for the helper: such a chunk is written by one connection.
@@ -157,7 +156,15 @@ pub fn load_chunk(
         }
         let (records, after) = rest.split_at(split.unwrap_or(rest.len()));
         let parsed: Vec<Parsed> = flat.by_ref().take(records.len()).collect();
-        let done = load_records(conn, helpers, client_id, table, records, parsed)?;
+        let done = load_records(
+            conn,
+            helpers,
+            client_id,
+            table,
+            records,
+            parsed,
+            helper_commits,
+        )?;
         outcome.loaded += done.loaded;
         outcome.rejected += done.rejected;
         rest = after;
@@ -243,6 +250,7 @@ fn load_records(
     table: &str,
     chunk: &[Staged],
     parsed: Vec<Parsed>,
+    helper_commits: &mut usize,
 ) -> QueryResult<ChunkOutcome> {
     let started = Instant::now();
     let started_at = intake_core::timestamps::now();
@@ -398,7 +406,7 @@ fn load_records(
         }
     };
     if parallel {
-        let mine = write_in_parallel(conn, helpers, &writing, parts, |c, seqs| {
+        let mine = write_in_parallel(conn, helpers, &writing, parts, helper_commits, |c, seqs| {
             queue::delete_seqs(c, client_id, table, seqs)?;
             history(c, seqs, seqs.len(), 0)
         })?;
@@ -533,12 +541,14 @@ fn write_share(
 /// commits whole or not at all. Shares hold disjoint keys, so they never wait for one
 /// another. The helpers commit before this returns, within the caller's hold of the table's
 /// load lock; if any fails, so does the chunk, and the shares already committed are simply no
-/// longer staged. Returns the first share, for the caller to finish.
+/// longer staged (`helper_commits` grows by their records). Returns the first share, for the
+/// caller to finish.
 fn write_in_parallel(
     conn: &mut Conn<'_>,
     helpers: &mut [Conn<'_>],
     writing: &Writing<'_>,
     mut shares: Vec<Share>,
+    helper_commits: &mut usize,
     finish: impl Fn(&mut Conn<'_>, &[i64]) -> QueryResult<()> + Sync,
 ) -> QueryResult<Share> {
     debug_assert!(shares.len() <= helpers.len() + 1);
@@ -556,13 +566,14 @@ fn write_in_parallel(
                     in_transaction(helper, |c| {
                         helper_session(c)?;
                         write_share(c, writing, share.tables)?;
-                        finish(c, &share.seqs)
+                        finish(c, &share.seqs)?;
+                        Ok(share.seqs.len())
                     })
                 })
             })
             .collect();
         let written = write_share(conn, writing, std::mem::take(&mut mine.tables));
-        let joined: Vec<QueryResult<()>> = running
+        let joined: Vec<QueryResult<usize>> = running
             .into_iter()
             .map(|handle| {
                 handle.join().unwrap_or_else(|_| {
@@ -572,8 +583,9 @@ fn write_in_parallel(
                 })
             })
             .collect();
+        *helper_commits += joined.iter().flatten().sum::<usize>();
         written?;
-        joined.into_iter().collect::<QueryResult<Vec<()>>>()
+        joined.into_iter().collect::<QueryResult<Vec<usize>>>()
     })?;
     Ok(mine)
 }

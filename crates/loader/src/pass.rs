@@ -214,7 +214,7 @@ fn load_table(
         limits,
         from: i64::MIN,
         ahead: None,
-        attempted: None,
+        helper_commits: 0,
     };
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -254,12 +254,8 @@ fn load_table(
                     result.error = Some(format!("database unavailable: {e}"));
                     return;
                 }
-                if let Some(attempted) = cursor.attempted.take() {
-                    match committed_before_failing(conn, client_id, &table, attempted) {
-                        Ok(n) => result.loaded += n,
-                        Err(e) => log::warn!("could not count the shares that committed: {e}"),
-                    }
-                }
+                // Shares that helper connections committed stay loaded (and out of staging).
+                result.loaded += std::mem::take(&mut cursor.helper_commits);
                 if is_transient(&e) {
                     // Lock or statement timeouts, deadlocks, a busy SQLite file: nothing is
                     // wrong with the records, so they stay staged for the next pass.
@@ -295,9 +291,9 @@ struct TableCursor<'t> {
     from: i64,
     /// The next chunk, if it was read while the one before it was written.
     ahead: Option<Ahead>,
-    /// The chunk being loaded (first and last sequence, and how many records), until it
-    /// is loaded: if it fails, shares of it may have committed (see [`committed_before_failing`]).
-    attempted: Option<(i64, i64, usize)>,
+    /// Records of the current chunk that helper connections committed in their own
+    /// transactions: loaded even if the chunk then fails (see `load_chunk`).
+    helper_commits: usize,
 }
 
 impl TableCursor<'_> {
@@ -309,6 +305,7 @@ impl TableCursor<'_> {
         reader: Option<&mut Conn<'_>>,
         helpers: &mut [Conn<'_>],
     ) -> QueryResult<Step> {
+        self.helper_commits = 0;
         let (client_id, table, limits) = (self.client_id, self.table, self.limits);
         let reading = std::time::Instant::now();
         let Ahead {
@@ -327,7 +324,6 @@ impl TableCursor<'_> {
             return Ok(Step::Done);
         };
         let next = last.saturating_add(1);
-        self.attempted = Some((first, last, chunk.len()));
         let (outcome, read_ahead) = std::thread::scope(|scope| {
             let reading = match (more, reader) {
                 (true, Some(r)) => {
@@ -335,15 +331,21 @@ impl TableCursor<'_> {
                 }
                 _ => None,
             };
-            let outcome = load_chunk(conn, helpers, client_id, table, &chunk, parsed);
+            let outcome = load_chunk(
+                conn,
+                helpers,
+                client_id,
+                table,
+                &chunk,
+                parsed,
+                &mut self.helper_commits,
+            );
             // A read-ahead that failed is not used; the next chunk is then read anew.
             let read_ahead = reading.and_then(|r| r.join().ok()).and_then(Result::ok);
             (outcome, read_ahead)
         });
         self.ahead = read_ahead;
-        let outcome = outcome?;
-        self.attempted = None;
-        Ok(Step::Loaded(outcome, chunk.len(), first, last, more))
+        Ok(Step::Loaded(outcome?, chunk.len(), first, last, more))
     }
 
     /// The chunk read ahead if it starts where this pass is and no other loader took any of
@@ -359,24 +361,6 @@ impl TableCursor<'_> {
         }
         Ahead::read(conn, client_id, table, self.from, self.limits)
     }
-}
-
-/// How many records of a failed chunk shares written by helper connections committed (their
-/// records left staging, and stay loaded) before another share failed and the chunk's own
-/// transaction rolled back. Counted under the table's lock, so no other loader's work counts.
-fn committed_before_failing(
-    conn: &mut Conn<'_>,
-    client_id: i64,
-    table: &str,
-    (first, last, records): (i64, i64, usize),
-) -> QueryResult<usize> {
-    let left = in_transaction(conn, |c| {
-        if !lock_table(c, client_id, table)? {
-            return Ok(None);
-        }
-        queue::count_range(c, client_id, table, first, last).map(Some)
-    })?;
-    Ok(left.map_or(0, |left| records.saturating_sub(left)))
 }
 
 /// Re-reads the failed chunk and loads it in halves, recursively, rejecting single records
@@ -421,7 +405,7 @@ fn load_split(
             return Ok(Some(ChunkOutcome::default()));
         }
         let parsed = parse_chunk(c, client_id, table, &records)?;
-        load_chunk(c, &mut [], client_id, table, &records, parsed).map(Some)
+        load_chunk(c, &mut [], client_id, table, &records, parsed, &mut 0).map(Some)
     });
     match attempt {
         Ok(Some(outcome)) => {

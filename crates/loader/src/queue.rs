@@ -280,23 +280,12 @@ pub fn still_staged(
     let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
         return Ok(true);
     };
-    Ok(count_range(conn, client_id, table, first.seq, last.seq)? == chunk.len())
-}
-
-/// How many records of a table are staged with sequences `first..=last`.
-pub fn count_range(
-    conn: &mut Conn<'_>,
-    client_id: i64,
-    table: &str,
-    first: i64,
-    last: i64,
-) -> QueryResult<usize> {
-    let (range, params) = seq_range(conn.dialect(), client_id, table, first, last);
+    let (range, params) = seq_range(conn.dialect(), client_id, table, first.seq, last.seq);
     let rows: Vec<I64Row> = conn.load(
         &format!("SELECT COUNT(*) AS v FROM staged_records WHERE {range}"),
         params,
     )?;
-    Ok(rows.first().map_or(0, |r| r.v.max(0) as usize))
+    Ok(rows.first().map(|r| r.v) == Some(chunk.len() as i64))
 }
 
 /// Removes the given staged records of a table (a share of a chunk, whose sequences are not
