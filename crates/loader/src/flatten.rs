@@ -258,12 +258,7 @@ fn flatten_value(
                         &mut child,
                         out,
                     ),
-                    scalar => {
-                        if let Some(cell) = scalar_cell(scalar) {
-                            note_nul(&cell, out);
-                            child.cells.push((EMPTY_PATH.to_owned(), cell));
-                        }
-                    }
+                    scalar => push_scalar(scalar, EMPTY_PATH.to_owned(), &mut child, out),
                 }
                 out.children.push(ChildRow {
                     array_path: array_path.clone(),

@@ -11,6 +11,7 @@ use diesel::QueryResult;
 use intake_core::db::{DbConn, DbPool};
 
 use crate::catalog::ensure_namespace;
+use crate::dialect::Dialect;
 use crate::load_chunk::{
     ChunkOutcome, Parsed, load_chunk, parse_chunk, record_history, record_rejections,
 };
@@ -83,7 +84,7 @@ pub fn run_pass(
 ) -> anyhow::Result<PassReport> {
     let mut db = pool.get()?;
     let mut conn = conn_of(&mut db);
-    if conn.dialect() == crate::dialect::Dialect::Sqlite {
+    if conn.dialect() == Dialect::Sqlite {
         conn.batch(&format!("PRAGMA cache_size = -{SQLITE_CACHE_KIB}"))?;
     }
     let mut extra = spare_connections(pool, limits.writers);
@@ -250,12 +251,12 @@ fn load_table(
                 }
             }
             Err(e) => {
+                // Shares that helper connections committed stay loaded (and out of staging).
+                result.loaded += std::mem::take(&mut cursor.helper_commits);
                 if crate::sql::ping(conn).is_err() {
                     result.error = Some(format!("database unavailable: {e}"));
                     return;
                 }
-                // Shares that helper connections committed stay loaded (and out of staging).
-                result.loaded += std::mem::take(&mut cursor.helper_commits);
                 if is_transient(&e) {
                     // Lock or statement timeouts, deadlocks, a busy SQLite file: nothing is
                     // wrong with the records, so they stay staged for the next pass.
