@@ -28,27 +28,41 @@ pub enum Val {
 /// Bound variables per SQLite statement (its limit is 32,766).
 const SQLITE_MAX_VARIABLES: usize = 32_000;
 
-/// Inserts `rows` (each holding one value per column, in `columns` order) into `table_ref`.
-/// `tail` follows the row source (an `ON CONFLICT` clause and/or `RETURNING _intake_seq`);
-/// with `returning`, the returned sequence numbers are collected.
+/// A column that gets one value in every row of an insert (the load time, say): bound once,
+/// not once per row.
+pub struct Shared<'a> {
+    pub name: &'a str,
+    pub col_type: ColType,
+    pub value: Val,
+}
+
+/// Inserts `rows` (each holding one value per column, in `columns` order, then the `shared`
+/// columns' values) into `table_ref`. `tail` follows the row source (an `ON CONFLICT` clause
+/// and/or `RETURNING _intake_seq`); with `returning`, the returned sequence numbers are
+/// collected.
 pub fn insert_rows(
     conn: &mut Conn<'_>,
     table_ref: &str,
     columns: &[(String, ColType)],
-    rows: Vec<Vec<Val>>,
+    shared: &[Shared<'_>],
+    mut rows: Vec<Vec<Val>>,
     tail: &str,
     returning: bool,
 ) -> QueryResult<Vec<i64>> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let names: Vec<String> = columns.iter().map(|(n, _)| quote(n)).collect();
+    let names: Vec<String> = columns
+        .iter()
+        .map(|(n, _)| quote(n))
+        .chain(shared.iter().map(|s| quote(s.name)))
+        .collect();
     match conn.dialect() {
         Dialect::Postgres => {
-            let params = column_arrays(rows, columns);
+            let mut params = column_arrays(rows, columns);
             // `unnest` in the select list (one per column, in lockstep) streams the rows;
             // `FROM unnest(a, b, ...)` would first copy them all into a tuple store.
-            let selects: Vec<String> = columns
+            let mut selects: Vec<String> = columns
                 .iter()
                 .enumerate()
                 .map(|(i, (_, t))| match t {
@@ -60,6 +74,14 @@ pub fn insert_rows(
                     ),
                 })
                 .collect();
+            for s in shared {
+                params.push(scalar_param(s.value.clone()));
+                selects.push(format!(
+                    "${}::{}",
+                    params.len(),
+                    Dialect::Postgres.sql_type(s.col_type)
+                ));
+            }
             let sql = format!(
                 "INSERT INTO {table_ref} AS t ({}) SELECT {} {tail}",
                 names.join(", "),
@@ -68,8 +90,11 @@ pub fn insert_rows(
             run(conn, &sql, params, returning)
         }
         Dialect::Sqlite => {
-            let per_statement = (SQLITE_MAX_VARIABLES / columns.len().max(1)).max(1);
-            let one_row = format!("({})", vec!["?"; columns.len()].join(", "));
+            for row in &mut rows {
+                row.extend(shared.iter().map(|s| s.value.clone()));
+            }
+            let per_statement = (SQLITE_MAX_VARIABLES / names.len().max(1)).max(1);
+            let one_row = format!("({})", vec!["?"; names.len()].join(", "));
             let mut returned = Vec::new();
             let mut rows = rows.into_iter().peekable();
             while rows.peek().is_some() {

@@ -83,11 +83,16 @@ impl OpenPath {
     }
 
     fn closed(&self) -> String {
-        let mut text = String::with_capacity(self.0.len() + 1);
-        text.push_str(&self.0);
-        text.push(']');
-        text
+        close(&self.0)
     }
+}
+
+/// A JSON array's text from its text without the closing bracket.
+fn close(open: &str) -> String {
+    let mut text = String::with_capacity(open.len() + 1);
+    text.push_str(open);
+    text.push(']');
+    text
 }
 
 /// Appends `s` as a JSON string. Field names rarely need escaping, so the common case is a
@@ -124,7 +129,7 @@ impl OpenLevels {
     }
 
     fn closed(&self) -> String {
-        format!("{}]", self.0)
+        close(&self.0)
     }
 }
 

@@ -3,12 +3,13 @@
 //! never overwrites a newer one), replace the winners' child rows, record rejections, remove
 //! the chunk from staging and note the load in the history.
 
+use std::hash::{Hash, Hasher};
 use std::time::Instant;
 
 use diesel::QueryResult;
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::bulk::{Val, insert_rows};
+use crate::bulk::{Shared, Val, insert_rows};
 use crate::catalog::{
     APPEND_ONLY_KEY, CLIENT_SEQ_COLUMN, Catalog, HISTORY_TABLE, LOADED_COLUMN, OVERFLOW_COLUMN,
     Placement, RECEIVED_COLUMN, REJECTED_TABLE, SEQ_COLUMN, TableInfo, VERSION_COLUMN,
@@ -258,7 +259,7 @@ fn load_records(
     let mut catalog = Catalog::load(conn, client_id, table)?;
     let upgraded = catalog.upgrade_root(conn)?;
     let mut rejected: Vec<(&Staged, String)> = Vec::new();
-    let mut accepted: Vec<Accepted<'_>> = Vec::new();
+    let mut accepted: Vec<Accepted<'_>> = Vec::with_capacity(chunk.len());
     for (staged, flat) in chunk.iter().zip(parsed) {
         let flat = match flat {
             Ok(flat) => flat,
@@ -301,9 +302,10 @@ fn load_records(
     // belongs to one share of the chunk.
     let shares = share_count(dialect, helpers.len(), accepted.len());
     let mut share_of: Vec<usize> = Vec::with_capacity(accepted.len());
-    let mut newest: FxHashMap<String, usize> = FxHashMap::default();
+    let mut newest: FxHashMap<KeyOf<'_>, usize> = FxHashMap::default();
+    newest.reserve(accepted.len());
     for (i, a) in accepted.iter().enumerate() {
-        let key = format!("{:?}", a.key_values);
+        let key = KeyOf(&a.key_values);
         share_of.push(share_for(&key, shares));
         let best = newest.entry(key).or_insert(i);
         if a.staged.supersedes(accepted[*best].staged) {
@@ -332,6 +334,18 @@ fn load_records(
     let mut parts: Vec<Share> = (0..shares).map(|_| Share::default()).collect();
     for (i, a) in accepted.iter().enumerate() {
         parts[share_of[i]].seqs.push(a.staged.seq);
+    }
+    // Root rows sized up front: a chunk's rows are large, and growing copied them over again.
+    let mut roots_per_share = vec![0usize; shares];
+    for &i in &candidates {
+        roots_per_share[share_of[i]] += 1;
+    }
+    for (part, roots) in parts.iter_mut().zip(roots_per_share) {
+        let rows = TableRows {
+            rows: Vec::with_capacity(roots),
+            ..TableRows::default()
+        };
+        part.tables.insert(EMPTY_PATH.to_owned(), rows);
     }
     for &i in &candidates {
         let a = &mut accepted[i];
@@ -455,11 +469,43 @@ fn share_count(dialect: Dialect, helpers: usize, records: usize) -> usize {
 
 /// The share a key belongs to: the same key, always the same share, so that its versions
 /// are ordered within one transaction.
-fn share_for(key: &str, shares: usize) -> usize {
-    use std::hash::{Hash, Hasher};
+fn share_for(key: &KeyOf<'_>, shares: usize) -> usize {
     let mut hasher = rustc_hash::FxHasher::default();
     key.hash(&mut hasher);
     (hasher.finish() % shares as u64) as usize
+}
+
+/// A record's key values as a map key. Key columns are integers, text or booleans
+/// (`key_types`), which compare exactly; a float, never a key, would compare by its bits.
+#[derive(Clone, Copy)]
+struct KeyOf<'a>(&'a [Val]);
+
+impl PartialEq for KeyOf<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self.0.iter().zip(other.0).all(|(a, b)| match (a, b) {
+                (Val::Float(x), Val::Float(y)) => x.to_bits() == y.to_bits(),
+                _ => a == b,
+            })
+    }
+}
+
+impl Eq for KeyOf<'_> {}
+
+impl Hash for KeyOf<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        for value in self.0 {
+            std::mem::discriminant(value).hash(state);
+            match value {
+                Val::Null => {}
+                Val::Int(i) => i.hash(state),
+                Val::Float(f) => f.to_bits().hash(state),
+                Val::Bool(b) => b.hash(state),
+                Val::Text(s) | Val::Json(s) => s.hash(state),
+                Val::Time(t) => t.hash(state),
+            }
+        }
+    }
 }
 
 /// The rows of the keys one share holds, by table, and the staged records they came from
@@ -805,7 +851,6 @@ fn write_table(
     }
     columns.push((SEQ_COLUMN.to_owned(), ColType::BigInt));
     columns.push((RECEIVED_COLUMN.to_owned(), ColType::Timestamp));
-    columns.push((LOADED_COLUMN.to_owned(), ColType::Timestamp));
     if upsert {
         columns.push((CLIENT_SEQ_COLUMN.to_owned(), ColType::BigInt));
         columns.push((VERSION_COLUMN.to_owned(), ColType::BigInt));
@@ -839,7 +884,6 @@ fn write_table(
                 }
                 row.push(Val::Int(seq));
                 row.push(received);
-                row.push(loaded_at.clone());
                 if upsert {
                     let (client_seq, version) = stitch.unzip();
                     row.push(client_seq.map_or(Val::Null, Val::Int));
@@ -850,8 +894,13 @@ fn write_table(
         )
         .collect();
     let table_ref = catalog.dialect.table_ref(catalog.client_id, &info.name);
+    let shared = [Shared {
+        name: LOADED_COLUMN,
+        col_type: ColType::Timestamp,
+        value: loaded_at.clone(),
+    }];
     if !upsert {
-        return insert_rows(conn, &table_ref, &columns, values, "", false);
+        return insert_rows(conn, &table_ref, &columns, &shared, values, "", false);
     }
     let keys: Vec<&str> = info.key_columns.iter().map(|(n, _)| n.as_str()).collect();
     let written: FxHashSet<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
@@ -898,7 +947,7 @@ fn write_table(
         order("excluded"),
         quote(SEQ_COLUMN),
     );
-    insert_rows(conn, &table_ref, &columns, values, &tail, true)
+    insert_rows(conn, &table_ref, &columns, &shared, values, &tail, true)
 }
 
 /// Makes PostgreSQL find rows by their key through the index, whatever its statistics say
@@ -1009,24 +1058,32 @@ pub fn record_rejections(
     let d = conn.dialect();
     let now = intake_core::timestamps::now();
     let columns: Vec<(String, ColType)> = [
-        ("table_name", ColType::Text),
         ("seq", ColType::BigInt),
         ("received_at", ColType::Timestamp),
-        ("rejected_at", ColType::Timestamp),
         ("reason", ColType::Text),
         ("record", ColType::Text),
     ]
     .iter()
     .map(|(n, t)| (n.to_string(), *t))
     .collect();
+    let shared = [
+        Shared {
+            name: "table_name",
+            col_type: ColType::Text,
+            value: Val::Text(table.to_owned()),
+        },
+        Shared {
+            name: "rejected_at",
+            col_type: ColType::Timestamp,
+            value: Val::Time(now),
+        },
+    ];
     let rows = rejected
         .iter()
         .map(|(s, why)| {
             vec![
-                Val::Text(table.to_owned()),
                 Val::Int(s.seq),
                 Val::Time(s.received_at),
-                Val::Time(now),
                 Val::Text(why.clone()),
                 Val::Text(s.record.replace('\0', "\\u0000")),
             ]
@@ -1036,6 +1093,7 @@ pub fn record_rejections(
         conn,
         &d.table_ref(client_id, REJECTED_TABLE),
         &columns,
+        &shared,
         rows,
         "ON CONFLICT DO NOTHING",
         false,

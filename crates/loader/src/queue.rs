@@ -7,7 +7,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Nullable, Text};
 
 use crate::dialect::Dialect;
-use crate::sql::{Conn, I64Row, Param};
+use crate::sql::{Conn, I64Row, Moment, Param};
 
 /// A record waiting in staging.
 #[derive(Debug, Clone, Default)]
@@ -65,8 +65,8 @@ struct PendingTable {
 struct StagedRow {
     #[diesel(sql_type = BigInt)]
     seq: i64,
-    #[diesel(sql_type = Text)]
-    received_at: String,
+    #[diesel(sql_type = Moment)]
+    received_at: DateTime<Utc>,
     #[diesel(sql_type = Text)]
     record: String,
     #[diesel(sql_type = Nullable<BigInt>)]
@@ -171,7 +171,8 @@ fn read_chunk_where(
         ]
     };
     // First the sizes only: where the byte budget cuts the first `records` rows (running sums
-    // grow, so the rows that fit are a prefix; the first always counts).
+    // grow, so the rows that fit are a prefix; the first always counts). A ROWS frame, as seq
+    // is unique: the default RANGE frame gives the same sums at more cost.
     let mut cut_params = params(to);
     cut_params.push(Param::Int(Some(
         i64::try_from(limits.bytes).unwrap_or(i64::MAX),
@@ -184,7 +185,7 @@ fn read_chunk_where(
         &format!(
             "SELECT MAX(CASE WHEN before = 0 OR before + size <= {budget} THEN seq END) AS last_seq, \
                     COUNT(*) AS available \
-             FROM (SELECT seq, size, SUM(size) OVER (ORDER BY seq) - size AS before \
+             FROM (SELECT seq, size, SUM(size) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) - size AS before \
                    FROM (SELECT seq, {size} AS size {filter}) AS first_rows) AS sized",
             budget = d.placeholder(6),
         ),
@@ -197,17 +198,9 @@ fn read_chunk_where(
     else {
         return Ok((Vec::new(), 0));
     };
-    let received = match d {
-        // Text in one fixed format, so both backends read alike.
-        Dialect::Postgres => {
-            "to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
-        }
-        Dialect::Sqlite => "received_at",
-    };
     let rows: Vec<StagedRow> = conn.load(
         &format!(
-            "SELECT seq, {received} AS received_at, record, client_seq, key_names, table_version, \
-             action {filter}"
+            "SELECT seq, received_at, record, client_seq, key_names, table_version, action {filter}"
         ),
         params(last),
     )?;
@@ -216,8 +209,7 @@ fn read_chunk_where(
         .into_iter()
         .map(|r| Staged {
             seq: r.seq,
-            received_at: intake_core::timestamps::parse_sqlite_text(&r.received_at)
-                .unwrap_or_default(),
+            received_at: r.received_at,
             record: r.record,
             stitch: r.client_seq.map(|client_seq| StitchMeta {
                 client_seq,

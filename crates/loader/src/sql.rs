@@ -133,6 +133,35 @@ fn bind_sqlite<'a>(
     q
 }
 
+/// A point in time as each backend stores it: `timestamptz` on PostgreSQL, read in binary
+/// (formatting it as text cost the database more than reading the row), and the UTC text of
+/// `intake_core::timestamps` on SQLite.
+#[derive(diesel::sql_types::SqlType, diesel::query_builder::QueryId)]
+#[diesel(postgres_type(name = "timestamptz"))]
+#[diesel(sqlite_type(name = "Text"))]
+pub struct Moment;
+
+impl diesel::deserialize::FromSql<Moment, Pg> for DateTime<Utc> {
+    fn from_sql(bytes: diesel::pg::PgValue<'_>) -> diesel::deserialize::Result<Self> {
+        <DateTime<Utc> as diesel::deserialize::FromSql<Timestamptz, Pg>>::from_sql(bytes)
+    }
+}
+
+impl diesel::deserialize::FromSql<Moment, Sqlite> for DateTime<Utc> {
+    fn from_sql(
+        bytes: <Sqlite as diesel::backend::Backend>::RawValue<'_>,
+    ) -> diesel::deserialize::Result<Self> {
+        let text = <String as diesel::deserialize::FromSql<Text, Sqlite>>::from_sql(bytes)?;
+        // Intake writes these itself; one edited by hand must not stop its table loading.
+        Ok(
+            intake_core::timestamps::parse_sqlite_text(&text).unwrap_or_else(|| {
+                log::warn!("unreadable timestamp {text:?} read as the epoch");
+                DateTime::default()
+            }),
+        )
+    }
+}
+
 /// A single `bigint` column result.
 #[derive(QueryableByName)]
 pub struct I64Row {
