@@ -260,6 +260,8 @@ fn load_records(
     let upgraded = catalog.upgrade_root(conn)?;
     let mut rejected: Vec<(&Staged, String)> = Vec::new();
     let mut accepted: Vec<Accepted<'_>> = Vec::with_capacity(chunk.len());
+    // The root's key fields as cell paths, once the root table is known.
+    let mut key_paths: Vec<String> = Vec::new();
     for (staged, flat) in chunk.iter().zip(parsed) {
         let flat = match flat {
             Ok(flat) => flat,
@@ -287,7 +289,14 @@ fn load_records(
         let Some(root) = catalog.tables.get(EMPTY_PATH) else {
             continue;
         };
-        match key_values(&flat, root) {
+        if key_paths.is_empty() {
+            key_paths = root
+                .key_fields
+                .iter()
+                .map(|f| path_key(std::slice::from_ref(f)))
+                .collect();
+        }
+        match key_values(&flat, root, &key_paths) {
             Ok(key_values) => accepted.push(Accepted {
                 staged,
                 flat,
@@ -321,16 +330,6 @@ fn load_records(
         .filter(|(_, t)| t.exists)
         .map(|(k, _)| k.clone())
         .collect();
-    let key_paths: Vec<String> = catalog
-        .tables
-        .get(EMPTY_PATH)
-        .map(|r| {
-            r.key_fields
-                .iter()
-                .map(|f| path_key(std::slice::from_ref(f)))
-                .collect()
-        })
-        .unwrap_or_default();
     let mut parts: Vec<Share> = (0..shares).map(|_| Share::default()).collect();
     for (i, a) in accepted.iter().enumerate() {
         parts[share_of[i]].seqs.push(a.staged.seq);
@@ -764,19 +763,27 @@ fn key_types(flat: &FlatRecord) -> Result<Vec<ColType>, String> {
 }
 
 fn root_cell<'a>(flat: &'a FlatRecord, field: &str) -> Option<&'a Cell> {
-    let path = path_key(&[field.to_owned()]);
+    cell_at(flat, &path_key(&[field.to_owned()]))
+}
+
+fn cell_at<'a>(flat: &'a FlatRecord, path: &str) -> Option<&'a Cell> {
     flat.root
         .cells
         .iter()
-        .find(|(p, _)| *p == path)
+        .find(|(p, _)| p == path)
         .map(|(_, c)| c)
 }
 
 /// The record's key values in the table's key-column order, or why they do not fit.
-fn key_values(flat: &FlatRecord, root: &TableInfo) -> Result<Vec<Val>, String> {
-    let declared: FxHashSet<&String> = flat.keys.iter().collect();
-    let expected: FxHashSet<&String> = root.key_fields.iter().collect();
-    if declared != expected {
+/// `key_paths` are the paths of the table's key fields, in that order.
+fn key_values(
+    flat: &FlatRecord,
+    root: &TableInfo,
+    key_paths: &[String],
+) -> Result<Vec<Val>, String> {
+    // The same names, as sets: a handful at most, so no hashing.
+    let within = |a: &[String], b: &[String]| a.iter().all(|name| b.contains(name));
+    if !(within(&flat.keys, &root.key_fields) && within(&root.key_fields, &flat.keys)) {
         return Err(format!(
             "its keys {:?} differ from the table's primary key {:?}",
             flat.keys, root.key_fields
@@ -784,9 +791,10 @@ fn key_values(flat: &FlatRecord, root: &TableInfo) -> Result<Vec<Val>, String> {
     }
     root.key_fields
         .iter()
+        .zip(key_paths)
         .zip(&root.key_columns)
-        .map(|(field, (_, t))| {
-            let cell = root_cell(flat, field)
+        .map(|((field, path), (_, t))| {
+            let cell = cell_at(flat, path)
                 .ok_or_else(|| format!("key field {field:?} is missing or null"))?;
             cell.coerce_to(*t).map(to_val).ok_or_else(|| {
                 format!(
