@@ -1144,3 +1144,37 @@ pub fn record_history(
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash_of(key: KeyOf<'_>) -> u64 {
+        let mut hasher = rustc_hash::FxHasher::default();
+        key.hash(&mut hasher);
+        hasher.finish()
+    }
+
+    #[test]
+    fn key_values_match_by_value_and_type() {
+        let a = [Val::Int(1), Val::Text("x".into())];
+        let same = [Val::Int(1), Val::Text("x".into())];
+        assert!(KeyOf(&a) == KeyOf(&same));
+        assert_eq!(hash_of(KeyOf(&a)), hash_of(KeyOf(&same)));
+        for other in [
+            vec![Val::Int(1), Val::Text("y".into())],
+            vec![Val::Text("1".into()), Val::Text("x".into())],
+            vec![Val::Int(1)],
+        ] {
+            assert!(KeyOf(&a) != KeyOf(&other), "{other:?}");
+        }
+        // The same key always lands in the same share.
+        for shares in 1..5 {
+            assert_eq!(
+                share_for(&KeyOf(&a), shares),
+                share_for(&KeyOf(&same), shares)
+            );
+            assert!(share_for(&KeyOf(&a), shares) < shares);
+        }
+    }
+}
