@@ -1,8 +1,8 @@
 //! Set-based writes: many rows in one statement, never a statement per record.
 //!
-//! PostgreSQL gets one array parameter per column and `unnest`s them (so the parameter count
-//! does not grow with the rows); SQLite gets multi-row `VALUES` lists sized to stay under its
-//! bind-variable limit.
+//! Rows arrive column by column. PostgreSQL gets one array parameter per column and `unnest`s
+//! them (so the parameter count does not grow with the rows); SQLite gets multi-row `VALUES`
+//! lists sized to stay under its bind-variable limit.
 
 use chrono::{DateTime, Utc};
 use diesel::QueryResult;
@@ -36,20 +36,24 @@ pub struct Shared<'a> {
     pub value: Val,
 }
 
-/// Inserts `rows` (each holding one value per column, in `columns` order, then the `shared`
-/// columns' values) into `table_ref`. `tail` follows the row source (an `ON CONFLICT` clause
-/// and/or `RETURNING _intake_seq`); with `returning`, the returned sequence numbers are
-/// collected.
+/// Inserts rows given column by column (`data[i]` holds column `columns[i]`'s value for every
+/// row, all of one length; then come the `shared` columns) into `table_ref`. Columns, not
+/// rows: PostgreSQL takes one array per column, so nothing is transposed on the way. `tail`
+/// follows the row source (an `ON CONFLICT` clause and/or `RETURNING _intake_seq`); with
+/// `returning`, the returned sequence numbers are collected.
 pub fn insert_rows(
     conn: &mut Conn<'_>,
     table_ref: &str,
     columns: &[(String, ColType)],
     shared: &[Shared<'_>],
-    mut rows: Vec<Vec<Val>>,
+    data: Vec<Vec<Val>>,
     tail: &str,
     returning: bool,
 ) -> QueryResult<Vec<i64>> {
-    if rows.is_empty() {
+    debug_assert_eq!(data.len(), columns.len());
+    let rows = data.first().map_or(0, Vec::len);
+    debug_assert!(data.iter().all(|c| c.len() == rows));
+    if rows == 0 {
         return Ok(Vec::new());
     }
     let names: Vec<String> = columns
@@ -59,7 +63,11 @@ pub fn insert_rows(
         .collect();
     match conn.dialect() {
         Dialect::Postgres => {
-            let mut params = column_arrays(rows, columns);
+            let mut params: Vec<Param> = data
+                .into_iter()
+                .zip(columns)
+                .map(|(values, (_, t))| typed_array(values, *t))
+                .collect();
             // `unnest` in the select list (one per column, in lockstep) streams the rows;
             // `FROM unnest(a, b, ...)` would first copy them all into a tuple store.
             let mut selects: Vec<String> = columns
@@ -90,23 +98,26 @@ pub fn insert_rows(
             run(conn, &sql, params, returning)
         }
         Dialect::Sqlite => {
-            for row in &mut rows {
-                row.extend(shared.iter().map(|s| s.value.clone()));
-            }
             let per_statement = (SQLITE_MAX_VARIABLES / names.len().max(1)).max(1);
             let one_row = format!("({})", vec!["?"; names.len()].join(", "));
             let mut returned = Vec::new();
-            let mut rows = rows.into_iter().peekable();
-            while rows.peek().is_some() {
-                let chunk: Vec<Vec<Val>> = rows.by_ref().take(per_statement).collect();
+            let mut columns: Vec<std::vec::IntoIter<Val>> =
+                data.into_iter().map(Vec::into_iter).collect();
+            let mut left = rows;
+            while left > 0 {
+                let take = left.min(per_statement);
+                left -= take;
                 let sql = format!(
                     "INSERT INTO {table_ref} AS t ({}) VALUES {} {tail}",
                     names.join(", "),
-                    vec![one_row.as_str(); chunk.len()].join(", ")
+                    vec![one_row.as_str(); take].join(", ")
                 );
-                let mut params = Vec::with_capacity(chunk.len() * columns.len());
-                for row in chunk {
-                    params.extend(row.into_iter().map(scalar_param));
+                let mut params = Vec::with_capacity(take * names.len());
+                for _ in 0..take {
+                    for column in &mut columns {
+                        params.push(scalar_param(column.next().unwrap_or(Val::Null)));
+                    }
+                    params.extend(shared.iter().map(|s| scalar_param(s.value.clone())));
                 }
                 returned.extend(run(conn, &sql, params, returning)?);
             }
@@ -141,26 +152,6 @@ fn scalar_param(v: Val) -> Param {
         Val::Text(s) | Val::Json(s) => Param::Text(Some(s)),
         Val::Time(t) => Param::Time(Some(t)),
     }
-}
-
-/// The rows' values as one typed array per column, moved, not copied: text is most of a
-/// chunk's bytes.
-fn column_arrays(rows: Vec<Vec<Val>>, columns: &[(String, ColType)]) -> Vec<Param> {
-    let mut by_column: Vec<Vec<Val>> = columns
-        .iter()
-        .map(|_| Vec::with_capacity(rows.len()))
-        .collect();
-    for row in rows {
-        let mut values = row.into_iter();
-        for column in by_column.iter_mut() {
-            column.push(values.next().unwrap_or(Val::Null));
-        }
-    }
-    by_column
-        .into_iter()
-        .zip(columns)
-        .map(|(values, (_, t))| typed_array(values, *t))
-        .collect()
 }
 
 /// A list of values as one typed array parameter.

@@ -354,10 +354,11 @@ impl Catalog {
     }
 
     /// The child table for an array path (see [`crate::flatten::ChildRow::array_path`]), with
-    /// `levels` enclosing arrays, created in the catalog if new. Returns its family key.
-    pub fn child_table(&mut self, array_path: &str, levels: usize) -> QueryResult<String> {
-        let key = array_path.to_owned();
-        if !self.tables.contains_key(&key) {
+    /// `levels` enclosing arrays, created in the catalog if new. Its key in the family is the
+    /// array path.
+    pub fn child_table(&mut self, array_path: &str, levels: usize) -> QueryResult<()> {
+        if !self.tables.contains_key(array_path) {
+            let key = array_path.to_owned();
             let root = self
                 .tables
                 .get(EMPTY_PATH)
@@ -378,7 +379,7 @@ impl Catalog {
                 TableInfo::new(name, source, key_columns, false),
             );
         }
-        Ok(key)
+        Ok(())
     }
 
     /// Writes pending DDL and catalog rows.

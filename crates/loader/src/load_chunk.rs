@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use diesel::QueryResult;
 use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::hash_map::Entry;
 
 use crate::bulk::{Shared, Val, insert_rows};
 use crate::catalog::{
@@ -38,24 +39,30 @@ struct Accepted<'a> {
     key_values: Vec<Val>,
 }
 
-/// One row being assembled: key values, data values by column index, overflow fields, and
-/// the sequence and received-at time of the record it came from.
-struct PendingRow {
-    keys: Vec<Val>,
-    values: Vec<(usize, Val)>,
-    overflow: serde_json::Map<String, serde_json::Value>,
-    seq: i64,
-    received: Val,
-    /// The client sequence and table version of a Stitch record (root rows only).
-    stitch: Option<(i64, Option<i64>)>,
-}
-
-/// Rows being assembled for one table.
+/// Rows being assembled for one table, column by column, as they will be written (one array
+/// per column): no vector per row, and nothing to transpose later. Every vector but `data`'s
+/// holds one entry per row; a data column ends at the last row that had a value in it and is
+/// padded with NULLs when written.
 #[derive(Default)]
 struct TableRows {
+    /// The table's key in the catalog (its array path).
+    table_key: String,
+    /// Data columns by index, in the order this chunk met them.
     columns: Vec<String>,
     index: FxHashMap<String, usize>,
-    rows: Vec<PendingRow>,
+    /// Values of each entry of `columns`.
+    data: Vec<Vec<Val>>,
+    /// Key values, a vector per key column.
+    keys: Vec<Vec<Val>>,
+    /// Each row's overflow fields as a JSON object's text, if it has any.
+    overflow: Vec<Option<String>>,
+    /// The sequence and received-at time of the record each row came from.
+    seqs: Vec<i64>,
+    received: Vec<Val>,
+    /// The client sequence and table version of a Stitch record (root rows only).
+    stitch: Vec<Option<(i64, Option<i64>)>>,
+    /// Rows expected, to size columns that appear once rows exist.
+    expected: usize,
     /// Where this chunk's cells went, by field path and type: later cells of the same path
     /// and type go the same way without asking the catalog again (see [`Placed`]).
     placed: FxHashMap<String, Vec<(ColType, Placed)>>,
@@ -79,7 +86,6 @@ impl TableRows {
     fn place(
         &mut self,
         catalog: &mut Catalog,
-        table_key: &str,
         path: &str,
         cell: &Cell,
     ) -> Option<(usize, Option<Cell>)> {
@@ -94,7 +100,7 @@ impl TableRows {
             Some(Placed::Overflow) => return None,
             None => {}
         }
-        let (placed, answer) = match place_cell(catalog, table_key, path, cell) {
+        let (placed, answer) = match place_cell(catalog, &self.table_key, path, cell) {
             Placement::Column(name, Some(converted)) => {
                 return Some((self.column(&name), Some(converted)));
             }
@@ -116,9 +122,105 @@ impl TableRows {
             return *i;
         }
         self.columns.push(name.to_owned());
+        self.data.push(Vec::with_capacity(self.expected));
         self.index.insert(name.to_owned(), self.columns.len() - 1);
         self.columns.len() - 1
     }
+
+    fn new(table_key: String, rows: usize) -> TableRows {
+        TableRows {
+            table_key,
+            overflow: Vec::with_capacity(rows),
+            seqs: Vec::with_capacity(rows),
+            received: Vec::with_capacity(rows),
+            stitch: Vec::with_capacity(rows),
+            expected: rows,
+            ..TableRows::default()
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Adds a row: places its cells into columns; on PostgreSQL, values that would push the
+    /// row past [`PG_ROW_BUDGET`] go to the overflow column instead of failing the row.
+    fn push(
+        &mut self,
+        catalog: &mut Catalog,
+        keys: impl Iterator<Item = Val>,
+        cells: Vec<(String, Cell)>,
+        from: RowSource,
+    ) {
+        let row = self.len();
+        let budget = (catalog.dialect == Dialect::Postgres).then_some(PG_ROW_BUDGET);
+        let mut size = 0usize;
+        let mut overflow = serde_json::Map::new();
+        for (path, cell) in cells {
+            let Some((column, converted)) = self.place(catalog, &path, &cell) else {
+                overflow.insert(path_segments(&path).join("."), cell.to_json());
+                continue;
+            };
+            let width = inline_width(converted.as_ref().unwrap_or(&cell));
+            if budget.is_some_and(|b| size + width > b) {
+                overflow.insert(path_segments(&path).join("."), cell.to_json());
+                continue;
+            }
+            size += width;
+            let values = &mut self.data[column];
+            values.resize(row, Val::Null);
+            values.push(to_val(converted.unwrap_or(cell)));
+        }
+        if !overflow.is_empty() {
+            let Catalog { tables, ddl, .. } = catalog;
+            if let Some(info) = tables.get_mut(&self.table_key) {
+                ensure_overflow(info, ddl, &self.table_key);
+            }
+        }
+        for (i, value) in keys.enumerate() {
+            if i == self.keys.len() {
+                self.keys
+                    .push(Vec::with_capacity(self.expected.max(row + 1)));
+            }
+            self.keys[i].push(value);
+        }
+        self.overflow
+            .push((!overflow.is_empty()).then(|| serde_json::Value::Object(overflow).to_string()));
+        self.seqs.push(from.seq);
+        self.received.push(from.received);
+        self.stitch.push(from.stitch);
+    }
+
+    /// Keeps only the rows whose sequence `keep` accepts.
+    fn retain(&mut self, keep: impl Fn(i64) -> bool) {
+        let marks: Vec<bool> = self.seqs.iter().map(|s| keep(*s)).collect();
+        if marks.iter().all(|k| *k) {
+            return;
+        }
+        fn sift<T>(values: &mut Vec<T>, marks: &[bool]) {
+            let mut i = 0;
+            values.retain(|_| {
+                i += 1;
+                marks.get(i - 1).copied().unwrap_or(false)
+            });
+        }
+        let rows = self.len();
+        for column in self.keys.iter_mut().chain(self.data.iter_mut()) {
+            column.resize(rows, Val::Null);
+            sift(column, &marks);
+        }
+        sift(&mut self.overflow, &marks);
+        sift(&mut self.seqs, &marks);
+        sift(&mut self.received, &marks);
+        sift(&mut self.stitch, &marks);
+    }
+}
+
+/// The record a row comes from.
+struct RowSource {
+    seq: i64,
+    received: Val,
+    stitch: Option<(i64, Option<i64>)>,
 }
 
 /// Loads `chunk` (in sequence order) for one table. Runs in the caller's transaction;
@@ -340,55 +442,47 @@ fn load_records(
         roots_per_share[share_of[i]] += 1;
     }
     for (part, roots) in parts.iter_mut().zip(roots_per_share) {
-        let rows = TableRows {
-            rows: Vec::with_capacity(roots),
-            ..TableRows::default()
-        };
-        part.tables.insert(EMPTY_PATH.to_owned(), rows);
+        part.root = TableRows::new(EMPTY_PATH.to_owned(), roots);
     }
     for &i in &candidates {
         let a = &mut accepted[i];
-        let per_table = &mut parts[share_of[i]].tables;
+        let part = &mut parts[share_of[i]];
         let seq = a.staged.seq;
         let received = Val::Time(a.staged.received_at);
         // The cells move into the rows: text is most of a chunk's bytes.
         let mut cells = std::mem::take(&mut a.flat.root.cells);
         cells.retain(|(path, _)| !key_paths.contains(path));
-        let row = assemble_row(&mut catalog, per_table, EMPTY_PATH, cells);
-        per_table
-            .entry(EMPTY_PATH.to_owned())
-            .or_default()
-            .rows
-            .push(PendingRow {
-                keys: a.key_values.clone(),
-                values: row.0,
-                overflow: row.1,
+        let from = RowSource {
+            seq,
+            received: received.clone(),
+            stitch: a
+                .staged
+                .stitch
+                .as_ref()
+                .map(|m| (m.client_seq, m.table_version)),
+        };
+        part.root
+            .push(&mut catalog, a.key_values.iter().cloned(), cells, from);
+        for child in std::mem::take(&mut a.flat.children) {
+            catalog.child_table(&child.array_path, child.positions.len())?;
+            let keys = a
+                .key_values
+                .iter()
+                .cloned()
+                .chain(child.positions.iter().map(|p| Val::Int(*p)));
+            let from = RowSource {
                 seq,
                 received: received.clone(),
-                stitch: a
-                    .staged
-                    .stitch
-                    .as_ref()
-                    .map(|m| (m.client_seq, m.table_version)),
-            });
-        for child in std::mem::take(&mut a.flat.children) {
-            let child_key = catalog.child_table(&child.array_path, child.positions.len())?;
-            let row = assemble_row(&mut catalog, per_table, &child_key, child.row.cells);
-            let mut keys = Vec::with_capacity(a.key_values.len() + child.positions.len());
-            keys.extend(a.key_values.iter().cloned());
-            keys.extend(child.positions.iter().map(|p| Val::Int(*p)));
-            per_table
-                .entry(child_key)
-                .or_default()
-                .rows
-                .push(PendingRow {
-                    keys,
-                    values: row.0,
-                    overflow: row.1,
-                    seq,
-                    received: received.clone(),
-                    stitch: None,
-                });
+                stitch: None,
+            };
+            let rows = match part.children.entry(child.array_path) {
+                Entry::Occupied(rows) => rows.into_mut(),
+                Entry::Vacant(new) => {
+                    let table_key = new.key().clone();
+                    new.insert(TableRows::new(table_key, 0))
+                }
+            };
+            rows.push(&mut catalog, keys, child.row.cells, from);
         }
     }
     let t_place = started.elapsed();
@@ -431,7 +525,7 @@ fn load_records(
         history(conn, &seqs, loaded, rejected.len())?;
     } else {
         for part in parts {
-            write_share(conn, &writing, part.tables)?;
+            write_share(conn, &writing, part.root, part.children)?;
         }
         record_rejections(conn, client_id, table, &rejected)?;
         if let (Some(first), Some(last)) = (chunk.first(), chunk.last()) {
@@ -507,11 +601,12 @@ impl Hash for KeyOf<'_> {
     }
 }
 
-/// The rows of the keys one share holds, by table, and the staged records they came from
-/// (including ones superseded within the chunk).
+/// The rows of the keys one share holds (the root table's, and the child tables' by array
+/// path), and the staged records they came from (including ones superseded within the chunk).
 #[derive(Default)]
 struct Share {
-    tables: FxHashMap<String, TableRows>,
+    root: TableRows,
+    children: FxHashMap<String, TableRows>,
     seqs: Vec<i64>,
 }
 
@@ -530,29 +625,40 @@ struct Writing<'a> {
 fn write_share(
     conn: &mut Conn<'_>,
     writing: &Writing<'_>,
-    mut tables: FxHashMap<String, TableRows>,
+    root_rows: TableRows,
+    children: FxHashMap<String, TableRows>,
 ) -> QueryResult<()> {
     let catalog = writing.catalog;
-    let (Some(root), Some(root_rows)) = (catalog.tables.get(EMPTY_PATH), tables.remove(EMPTY_PATH))
-    else {
+    let Some(root) = catalog.tables.get(EMPTY_PATH) else {
         return Ok(());
     };
     let started = Instant::now();
-    let keys_by_seq: FxHashMap<i64, Vec<Val>> = root_rows
-        .rows
+    let roots = root_rows.len();
+    let row_of: FxHashMap<i64, usize> = root_rows
+        .seqs
         .iter()
-        .map(|r| (r.seq, r.keys.clone()))
+        .enumerate()
+        .map(|(row, seq)| (*seq, row))
         .collect();
+    let root_keys = root_rows.keys.clone();
     let winners = write_table(conn, catalog, root, root_rows, &writing.loaded_at, true)?;
     let t_root = started.elapsed();
-    let winner_keys: Vec<&Vec<Val>> = winners.iter().filter_map(|s| keys_by_seq.get(s)).collect();
+    let winner_rows: Vec<usize> = winners
+        .iter()
+        .filter_map(|s| row_of.get(s).copied())
+        .collect();
+    // By key column, as the deletes bind them.
+    let winner_keys: Vec<Vec<Val>> = root_keys
+        .iter()
+        .map(|column| winner_rows.iter().map(|&row| column[row].clone()).collect())
+        .collect();
     let child_tables: Vec<&TableInfo> = writing
         .pre_existing
         .iter()
         .filter(|k| *k != EMPTY_PATH)
         .filter_map(|k| catalog.tables.get(k))
         .collect();
-    if !winner_keys.is_empty() && !child_tables.is_empty() {
+    if !winner_rows.is_empty() && !child_tables.is_empty() {
         let planning = index_lookups_only(conn, true)?;
         for info in child_tables {
             delete_children(conn, catalog, root, info, &winner_keys)?;
@@ -563,16 +669,16 @@ fn write_share(
     }
     let t_deletes = started.elapsed();
     let winners: FxHashSet<i64> = winners.into_iter().collect();
-    for (table_key, mut rows) in tables {
+    for (table_key, mut rows) in children {
         let Some(info) = catalog.tables.get(&table_key) else {
             continue;
         };
-        rows.rows.retain(|r| winners.contains(&r.seq));
+        rows.retain(|seq| winners.contains(&seq));
         write_table(conn, catalog, info, rows, &writing.loaded_at, false)?;
     }
     log::debug!(
         "share of {} roots: root {:?}, child deletes {:?}, child inserts {:?}",
-        keys_by_seq.len(),
+        roots,
         t_root,
         t_deletes - t_root,
         started.elapsed() - t_deletes
@@ -610,14 +716,19 @@ fn write_in_parallel(
                 scope.spawn(move || {
                     in_transaction(helper, |c| {
                         helper_session(c)?;
-                        write_share(c, writing, share.tables)?;
+                        write_share(c, writing, share.root, share.children)?;
                         finish(c, &share.seqs)?;
                         Ok(share.seqs.len())
                     })
                 })
             })
             .collect();
-        let written = write_share(conn, writing, std::mem::take(&mut mine.tables));
+        let written = write_share(
+            conn,
+            writing,
+            std::mem::take(&mut mine.root),
+            std::mem::take(&mut mine.children),
+        );
         let joined: Vec<QueryResult<usize>> = running
             .into_iter()
             .map(|handle| {
@@ -648,48 +759,6 @@ fn helper_session(conn: &mut Conn<'_>) -> QueryResult<()> {
 /// Bytes of column data a PostgreSQL row may take before further values go to the overflow
 /// column: a heap row must fit in an 8 KB page, and short values cannot be moved out of line.
 const PG_ROW_BUDGET: usize = 6000;
-
-/// Places a row's cells into columns of table `table_key`, returning the values by column
-/// index and any overflow fields. On PostgreSQL, values that would push the row past
-/// [`PG_ROW_BUDGET`] go to the overflow column instead of failing the row.
-fn assemble_row(
-    catalog: &mut Catalog,
-    per_table: &mut FxHashMap<String, TableRows>,
-    table_key: &str,
-    cells: Vec<(String, Cell)>,
-) -> (
-    Vec<(usize, Val)>,
-    serde_json::Map<String, serde_json::Value>,
-) {
-    let budget = (catalog.dialect == Dialect::Postgres).then_some(PG_ROW_BUDGET);
-    let mut size = 0usize;
-    let mut values = Vec::with_capacity(cells.len());
-    let mut overflow = serde_json::Map::new();
-    let rows = match per_table.get_mut(table_key) {
-        Some(rows) => rows,
-        None => per_table.entry(table_key.to_owned()).or_default(),
-    };
-    for (path, cell) in cells {
-        let Some((column, converted)) = rows.place(catalog, table_key, &path, &cell) else {
-            overflow.insert(path_segments(&path).join("."), cell.to_json());
-            continue;
-        };
-        let width = inline_width(converted.as_ref().unwrap_or(&cell));
-        if budget.is_some_and(|b| size + width > b) {
-            overflow.insert(path_segments(&path).join("."), cell.to_json());
-            continue;
-        }
-        size += width;
-        values.push((column, to_val(converted.unwrap_or(cell))));
-    }
-    if !overflow.is_empty() {
-        let Catalog { tables, ddl, .. } = catalog;
-        if let Some(info) = tables.get_mut(table_key) {
-            ensure_overflow(info, ddl, table_key);
-        }
-    }
-    (values, overflow)
-}
 
 /// Roughly how many bytes a value takes inside a PostgreSQL row (long text is moved out of
 /// line and leaves a pointer).
@@ -842,17 +911,26 @@ fn write_table(
     loaded_at: &Val,
     upsert: bool,
 ) -> QueryResult<Vec<i64>> {
-    if rows.rows.is_empty() {
+    let count = rows.len();
+    if count == 0 {
         return Ok(Vec::new());
     }
+    let TableRows {
+        columns: names,
+        data,
+        keys,
+        overflow,
+        seqs,
+        received,
+        stitch,
+        ..
+    } = rows;
     let types = column_types(info);
-    let has_overflow = rows.rows.iter().any(|r| !r.overflow.is_empty());
+    let has_overflow = overflow.iter().any(Option::is_some);
     let mut columns: Vec<(String, ColType)> = info.key_columns.clone();
-    for name in &rows.columns {
-        columns.push((
-            name.clone(),
-            types.get(name.as_str()).copied().unwrap_or(ColType::Text),
-        ));
+    for name in names {
+        let t = types.get(name.as_str()).copied().unwrap_or(ColType::Text);
+        columns.push((name, t));
     }
     if has_overflow {
         columns.push((OVERFLOW_COLUMN.to_owned(), ColType::Json));
@@ -863,44 +941,35 @@ fn write_table(
         columns.push((CLIENT_SEQ_COLUMN.to_owned(), ColType::BigInt));
         columns.push((VERSION_COLUMN.to_owned(), ColType::BigInt));
     }
-    let data_width = rows.columns.len();
-    let values: Vec<Vec<Val>> = rows
-        .rows
-        .into_iter()
-        .map(
-            |PendingRow {
-                 keys,
-                 values: cells,
-                 overflow,
-                 seq,
-                 received,
-                 stitch,
-             }| {
-                let mut row = Vec::with_capacity(columns.len());
-                row.extend(keys);
-                let first_data = row.len();
-                row.resize(first_data + data_width, Val::Null);
-                for (i, v) in cells {
-                    row[first_data + i] = v;
+    let mut values: Vec<Vec<Val>> = Vec::with_capacity(columns.len());
+    values.extend(keys);
+    for mut column in data {
+        column.resize(count, Val::Null);
+        values.push(column);
+    }
+    if has_overflow {
+        values.push(
+            overflow
+                .into_iter()
+                .map(|o| o.map_or(Val::Null, Val::Json))
+                .collect(),
+        );
+    }
+    values.push(seqs.into_iter().map(Val::Int).collect());
+    values.push(received);
+    if upsert {
+        let (client_seqs, versions) = stitch
+            .into_iter()
+            .map(|s| match s {
+                Some((client_seq, version)) => {
+                    (Val::Int(client_seq), version.map_or(Val::Null, Val::Int))
                 }
-                if has_overflow {
-                    row.push(if overflow.is_empty() {
-                        Val::Null
-                    } else {
-                        Val::Json(serde_json::Value::Object(overflow).to_string())
-                    });
-                }
-                row.push(Val::Int(seq));
-                row.push(received);
-                if upsert {
-                    let (client_seq, version) = stitch.unzip();
-                    row.push(client_seq.map_or(Val::Null, Val::Int));
-                    row.push(version.flatten().map_or(Val::Null, Val::Int));
-                }
-                row
-            },
-        )
-        .collect();
+                None => (Val::Null, Val::Null),
+            })
+            .unzip();
+        values.push(client_seqs);
+        values.push(versions);
+    }
     let table_ref = catalog.dialect.table_ref(catalog.client_id, &info.name);
     let shared = [Shared {
         name: LOADED_COLUMN,
@@ -983,7 +1052,7 @@ fn delete_children(
     catalog: &Catalog,
     root: &TableInfo,
     child: &TableInfo,
-    winner_keys: &[&Vec<Val>],
+    winner_keys: &[Vec<Val>],
 ) -> QueryResult<usize> {
     let d = catalog.dialect;
     let width = root.key_columns.len();
@@ -1006,7 +1075,7 @@ fn delete_children(
                 .iter()
                 .enumerate()
                 .map(|(i, (_, t))| {
-                    let column: Vec<Val> = winner_keys.iter().map(|k| k[i].clone()).collect();
+                    let column = winner_keys.get(i).cloned().unwrap_or_default();
                     crate::bulk::column_param(column, *t)
                 })
                 .collect();
@@ -1028,9 +1097,16 @@ fn delete_children(
             let picks: Vec<String> = (0..width)
                 .map(|i| format!("json_extract(value, '$[{i}]')"))
                 .collect();
-            let tuples: Vec<serde_json::Value> = winner_keys
-                .iter()
-                .map(|k| serde_json::Value::Array(k.iter().map(crate::bulk::key_json).collect()))
+            let rows = winner_keys.first().map_or(0, Vec::len);
+            let tuples: Vec<serde_json::Value> = (0..rows)
+                .map(|row| {
+                    serde_json::Value::Array(
+                        winner_keys
+                            .iter()
+                            .map(|column| crate::bulk::key_json(&column[row]))
+                            .collect(),
+                    )
+                })
                 .collect();
             (
                 format!(
@@ -1086,23 +1162,27 @@ pub fn record_rejections(
             value: Val::Time(now),
         },
     ];
-    let rows = rejected
-        .iter()
-        .map(|(s, why)| {
-            vec![
-                Val::Int(s.seq),
-                Val::Time(s.received_at),
-                Val::Text(why.clone()),
-                Val::Text(s.record.replace('\0', "\\u0000")),
-            ]
-        })
-        .collect();
+    let columns_data = vec![
+        rejected.iter().map(|(s, _)| Val::Int(s.seq)).collect(),
+        rejected
+            .iter()
+            .map(|(s, _)| Val::Time(s.received_at))
+            .collect(),
+        rejected
+            .iter()
+            .map(|(_, why)| Val::Text(why.clone()))
+            .collect(),
+        rejected
+            .iter()
+            .map(|(s, _)| Val::Text(s.record.replace('\0', "\\u0000")))
+            .collect(),
+    ];
     insert_rows(
         conn,
         &d.table_ref(client_id, REJECTED_TABLE),
         &columns,
         &shared,
-        rows,
+        columns_data,
         "ON CONFLICT DO NOTHING",
         false,
     )?;
