@@ -50,6 +50,7 @@ pub enum Backend {
 
 /// Generates, for each named test body `fn name(backend: Backend)`, a module `name` with two
 /// tests, `sqlite` and `postgres`, so that every behaviour is checked on both backends.
+#[allow(unused_macros)] // as with dead_code above: not every file runs on both backends
 macro_rules! both_backends {
     ($($name:ident),+ $(,)?) => {
         $(
@@ -67,6 +68,7 @@ macro_rules! both_backends {
         )+
     };
 }
+#[allow(unused_imports)]
 pub(crate) use both_backends;
 
 /// A database of its own for one test, plus the temporary directory the test's processes run

@@ -11,6 +11,7 @@ use diesel::sql_types::{Array, BigInt, Bool, Double, Nullable, Text, Timestamptz
 use diesel::sqlite::{Sqlite, SqliteConnection};
 
 use crate::dialect::Dialect;
+use crate::pg_array::PgArray;
 
 /// A value to bind. Array variants are for PostgreSQL's `unnest`.
 #[derive(Debug, Clone)]
@@ -90,11 +91,11 @@ fn bind_pg<'a>(
             Param::Bool(v) => q.bind::<Nullable<Bool>, _>(v),
             Param::Text(v) => q.bind::<Nullable<Text>, _>(v),
             Param::Time(v) => q.bind::<Nullable<Timestamptz>, _>(v),
-            Param::IntArray(v) => q.bind::<Array<Nullable<BigInt>>, _>(v),
-            Param::FloatArray(v) => q.bind::<Array<Nullable<Double>>, _>(v),
-            Param::BoolArray(v) => q.bind::<Array<Nullable<Bool>>, _>(v),
-            Param::TextArray(v) => q.bind::<Array<Nullable<Text>>, _>(v),
-            Param::TimeArray(v) => q.bind::<Array<Nullable<Timestamptz>>, _>(v),
+            Param::IntArray(v) => q.bind::<Array<Nullable<BigInt>>, _>(PgArray(v)),
+            Param::FloatArray(v) => q.bind::<Array<Nullable<Double>>, _>(PgArray(v)),
+            Param::BoolArray(v) => q.bind::<Array<Nullable<Bool>>, _>(PgArray(v)),
+            Param::TextArray(v) => q.bind::<Array<Nullable<Text>>, _>(PgArray(v)),
+            Param::TimeArray(v) => q.bind::<Array<Nullable<Timestamptz>>, _>(PgArray(v)),
         };
     }
     q
