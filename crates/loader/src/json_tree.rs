@@ -257,23 +257,37 @@ impl<'a> Reader<'a> {
         (self.depth <= MAX_DEPTH).then_some(())
     }
 
+    /// At a container's start: whether it is empty (its `close` is next, and consumed).
+    fn empty(&mut self, close: u8) -> Option<bool> {
+        self.skip_space();
+        let empty = self.peek()? == close;
+        if empty {
+            self.pos += 1;
+        }
+        Some(empty)
+    }
+
+    /// After an item or field: whether another follows (a comma), or the container ends
+    /// (its `close`, consumed).
+    fn another(&mut self, close: u8) -> Option<bool> {
+        self.skip_space();
+        let next = self.peek()?;
+        self.pos += 1;
+        match next {
+            b',' => Some(true),
+            b if b == close => Some(false),
+            _ => None,
+        }
+    }
+
     fn array(&mut self) -> Option<Json<'a>> {
         self.enter()?;
         let mut items = Vec::new();
-        self.skip_space();
-        if self.peek()? == b']' {
-            self.pos += 1;
-        } else {
+        if !self.empty(b']')? {
             loop {
                 items.push(self.value()?);
-                self.skip_space();
-                match self.peek()? {
-                    b',' => self.pos += 1,
-                    b']' => {
-                        self.pos += 1;
-                        break;
-                    }
-                    _ => return None,
+                if !self.another(b']')? {
+                    break;
                 }
             }
         }
@@ -285,10 +299,7 @@ impl<'a> Reader<'a> {
         self.enter()?;
         // Most objects in records are small; starting at 8 saves most regrowth.
         let mut fields = Vec::with_capacity(8);
-        self.skip_space();
-        if self.peek()? == b'}' {
-            self.pos += 1;
-        } else {
+        if !self.empty(b'}')? {
             loop {
                 self.skip_space();
                 if self.peek()? != b'"' {
@@ -301,14 +312,8 @@ impl<'a> Reader<'a> {
                 }
                 self.expect(b':')?;
                 fields.push((name, self.value()?));
-                self.skip_space();
-                match self.peek()? {
-                    b',' => self.pos += 1,
-                    b'}' => {
-                        self.pos += 1;
-                        break;
-                    }
-                    _ => return None,
+                if !self.another(b'}')? {
+                    break;
                 }
             }
         }

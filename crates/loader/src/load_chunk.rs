@@ -3,12 +3,12 @@
 //! never overwrites a newer one), replace the winners' child rows, record rejections, remove
 //! the chunk from staging and note the load in the history.
 
+use std::collections::hash_map::Entry;
 use std::hash::{Hash, Hasher};
 use std::time::Instant;
 
 use diesel::QueryResult;
 use rustc_hash::{FxHashMap, FxHashSet};
-use std::collections::hash_map::Entry;
 
 use crate::bulk::{Shared, Val, insert_rows};
 use crate::catalog::{
@@ -167,6 +167,7 @@ impl TableRows {
                 continue;
             }
             size += width;
+            // Padded to this row (or cut back to it: a later cell for the same column wins).
             let values = &mut self.data[column];
             values.resize(row, Val::Null);
             values.push(to_val(converted.unwrap_or(cell)));
