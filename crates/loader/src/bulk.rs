@@ -101,7 +101,7 @@ pub fn insert_rows(
             let per_statement = (SQLITE_MAX_VARIABLES / names.len().max(1)).max(1);
             let one_row = format!("({})", vec!["?"; names.len()].join(", "));
             let mut returned = Vec::new();
-            let mut columns: Vec<std::vec::IntoIter<Val>> =
+            let mut values: Vec<std::vec::IntoIter<Val>> =
                 data.into_iter().map(Vec::into_iter).collect();
             let mut left = rows;
             while left > 0 {
@@ -114,7 +114,7 @@ pub fn insert_rows(
                 );
                 let mut params = Vec::with_capacity(take * names.len());
                 for _ in 0..take {
-                    for column in &mut columns {
+                    for column in &mut values {
                         params.push(scalar_param(column.next().unwrap_or(Val::Null)));
                     }
                     params.extend(shared.iter().map(|s| scalar_param(s.value.clone())));

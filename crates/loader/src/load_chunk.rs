@@ -3,7 +3,6 @@
 //! never overwrites a newer one), replace the winners' child rows, record rejections, remove
 //! the chunk from staging and note the load in the history.
 
-use std::collections::hash_map::Entry;
 use std::hash::{Hash, Hasher};
 use std::time::Instant;
 
@@ -476,13 +475,10 @@ fn load_records(
                 received: received.clone(),
                 stitch: None,
             };
-            let rows = match part.children.entry(child.array_path) {
-                Entry::Occupied(rows) => rows.into_mut(),
-                Entry::Vacant(new) => {
-                    let table_key = new.key().clone();
-                    new.insert(TableRows::new(table_key, 0))
-                }
-            };
+            let rows = part
+                .children
+                .entry(child.array_path)
+                .or_insert_with_key(|path| TableRows::new(path.clone(), 0));
             rows.push(&mut catalog, keys, child.row.cells, from);
         }
     }
@@ -641,6 +637,7 @@ fn write_share(
         .enumerate()
         .map(|(row, seq)| (*seq, row))
         .collect();
+    // The key columns outlive the write, which takes the rows.
     let root_keys = root_rows.keys.clone();
     let winners = write_table(conn, catalog, root, root_rows, &writing.loaded_at, true)?;
     let t_root = started.elapsed();
@@ -648,10 +645,15 @@ fn write_share(
         .iter()
         .filter_map(|s| row_of.get(s).copied())
         .collect();
-    // By key column, as the deletes bind them.
+    // By key column, as the deletes bind them; each row is a winner once.
     let winner_keys: Vec<Vec<Val>> = root_keys
-        .iter()
-        .map(|column| winner_rows.iter().map(|&row| column[row].clone()).collect())
+        .into_iter()
+        .map(|mut column| {
+            winner_rows
+                .iter()
+                .map(|&row| std::mem::replace(&mut column[row], Val::Null))
+                .collect()
+        })
         .collect();
     let child_tables: Vec<&TableInfo> = writing
         .pre_existing

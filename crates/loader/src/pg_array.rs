@@ -6,7 +6,7 @@
 
 use std::io::Write;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use diesel::pg::Pg;
 use diesel::serialize::{self, IsNull, Output, ToSql};
 use diesel::sql_types::{Array, BigInt, Bool, Double, HasSqlType, Nullable, Text, Timestamptz};
@@ -61,17 +61,16 @@ impl Element for String {
     }
 }
 
+/// PostgreSQL's epoch, 2000-01-01 00:00 UTC, in microseconds since the Unix epoch.
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
 impl Element for DateTime<Utc> {
     type Sql = Timestamptz;
-    /// Microseconds since 2000-01-01 00:00 UTC, PostgreSQL's epoch.
+    /// Microseconds since PostgreSQL's epoch.
     fn write(&self, out: &mut Output<'_, '_, Pg>) -> serialize::Result {
-        let epoch = NaiveDate::from_ymd_opt(2000, 1, 1)
-            .and_then(|d| d.and_hms_opt(0, 0, 0))
-            .ok_or("PostgreSQL's epoch is out of chrono's range")?
-            .and_utc();
         let micros = self
-            .signed_duration_since(epoch)
-            .num_microseconds()
+            .timestamp_micros()
+            .checked_sub(PG_EPOCH_MICROS)
             .ok_or_else(|| format!("{self:?} as microseconds does not fit 64 bits"))?;
         write_fixed(out, micros.to_be_bytes())
     }
