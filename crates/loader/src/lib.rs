@@ -15,6 +15,7 @@ pub mod identifiers;
 pub mod json_tree;
 pub mod load_chunk;
 pub mod pass;
+pub mod paths;
 pub mod pg_array;
 pub mod queue;
 pub mod schema_types;

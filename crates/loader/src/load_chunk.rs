@@ -16,8 +16,9 @@ use crate::catalog::{
     ensure_overflow, place_cell,
 };
 use crate::dialect::Dialect;
-use crate::flatten::{EMPTY_PATH, FlatRecord, flatten_with_keys, path_key, path_segments};
+use crate::flatten::{EMPTY_PATH, FlatRecord, flatten_with_keys, path_segments};
 use crate::identifiers::quote;
+use crate::paths::{ArrayId, PathId, Paths, ROOT};
 use crate::queue::{self, Staged};
 use crate::schema_types::SchemaTypes;
 use crate::sql::{Conn, Param, in_transaction};
@@ -62,9 +63,10 @@ struct TableRows {
     stitch: Vec<Option<(i64, Option<i64>)>>,
     /// Rows expected, to size columns that appear once rows exist.
     expected: usize,
-    /// Where this chunk's cells went, by field path and type: later cells of the same path
-    /// and type go the same way without asking the catalog again (see [`Placed`]).
-    placed: FxHashMap<String, Vec<(ColType, Placed)>>,
+    /// Where this chunk's cells went, by field path (its number) and type: later cells of
+    /// the same path and type go the same way without asking the catalog again (see
+    /// [`Placed`]).
+    placed: Vec<Vec<(ColType, Placed)>>,
 }
 
 /// Where cells of one path and type went, when that cannot change while the chunk loads: a
@@ -85,13 +87,14 @@ impl TableRows {
     fn place(
         &mut self,
         catalog: &mut Catalog,
-        path: &str,
+        paths: &Paths,
+        path: PathId,
         cell: &Cell,
     ) -> Option<(usize, Option<Cell>)> {
         let t = cell.col_type();
         let known = self
             .placed
-            .get(path)
+            .get(path as usize)
             .and_then(|seen| seen.iter().find(|(ct, _)| *ct == t))
             .map(|(_, placed)| *placed);
         match known {
@@ -99,7 +102,7 @@ impl TableRows {
             Some(Placed::Overflow) => return None,
             None => {}
         }
-        let (placed, answer) = match place_cell(catalog, &self.table_key, path, cell) {
+        let (placed, answer) = match place_cell(catalog, &self.table_key, paths.text(path), cell) {
             Placement::Column(name, Some(converted)) => {
                 return Some((self.column(&name), Some(converted)));
             }
@@ -109,10 +112,12 @@ impl TableRows {
             }
             Placement::Overflow => (Placed::Overflow, None),
         };
-        self.placed
-            .entry(path.to_owned())
-            .or_default()
-            .push((t, placed));
+        let at = path as usize;
+        if self.placed.len() <= at {
+            self.placed
+                .resize_with(paths.field_count().max(at + 1), Vec::new);
+        }
+        self.placed[at].push((t, placed));
         answer
     }
 
@@ -147,8 +152,9 @@ impl TableRows {
     fn push(
         &mut self,
         catalog: &mut Catalog,
+        paths: &Paths,
         keys: impl Iterator<Item = Val>,
-        cells: Vec<(String, Cell)>,
+        cells: Vec<(PathId, Cell)>,
         from: RowSource,
     ) {
         let row = self.len();
@@ -156,13 +162,13 @@ impl TableRows {
         let mut size = 0usize;
         let mut overflow = serde_json::Map::new();
         for (path, cell) in cells {
-            let Some((column, converted)) = self.place(catalog, &path, &cell) else {
-                overflow.insert(path_segments(&path).join("."), cell.to_json());
+            let Some((column, converted)) = self.place(catalog, paths, path, &cell) else {
+                overflow.insert(path_segments(paths.text(path)).join("."), cell.to_json());
                 continue;
             };
             let width = inline_width(converted.as_ref().unwrap_or(&cell));
             if budget.is_some_and(|b| size + width > b) {
-                overflow.insert(path_segments(&path).join("."), cell.to_json());
+                overflow.insert(path_segments(paths.text(path)).join("."), cell.to_json());
                 continue;
             }
             size += width;
@@ -236,7 +242,7 @@ pub fn load_chunk(
     client_id: i64,
     table: &str,
     chunk: &[Staged],
-    flat: Vec<Parsed>,
+    parsed: ParsedChunk,
     helper_commits: &mut usize,
 ) -> QueryResult<ChunkOutcome> {
     // A marker's deletes hold row locks in the caller's transaction that a helper could wait
@@ -248,7 +254,8 @@ pub fn load_chunk(
     };
     let mut outcome = ChunkOutcome::default();
     let mut rest = chunk;
-    let mut flat = flat.into_iter();
+    let ParsedChunk { paths, records } = parsed;
+    let mut flat = records.into_iter();
     while !rest.is_empty() {
         let split = rest.iter().position(Staged::is_activation);
         if split == Some(0) {
@@ -262,10 +269,9 @@ pub fn load_chunk(
         let done = load_records(
             conn,
             helpers,
-            client_id,
-            table,
+            (client_id, table),
             records,
-            parsed,
+            (&paths, parsed),
             helper_commits,
         )?;
         outcome.loaded += done.loaded;
@@ -329,6 +335,12 @@ fn activate_version(
 /// A record parsed and flattened, or why it cannot be.
 pub type Parsed = Result<FlatRecord, String>;
 
+/// A chunk's records parsed and flattened, in order, with the paths they are numbered in.
+pub struct ParsedChunk {
+    pub paths: Paths,
+    pub records: Vec<Parsed>,
+}
+
 /// Parses and flattens a chunk's records, typed by the table's Stitch schema if it has one.
 /// Needs no lock: a loader does it for the next chunk while it writes the current one.
 pub fn parse_chunk(
@@ -336,7 +348,7 @@ pub fn parse_chunk(
     client_id: i64,
     table: &str,
     chunk: &[Staged],
-) -> QueryResult<Vec<Parsed>> {
+) -> QueryResult<ParsedChunk> {
     let declared = if chunk.iter().any(|s| s.stitch.is_some()) {
         SchemaTypes::load(conn, client_id, table)?
     } else {
@@ -349,10 +361,9 @@ pub fn parse_chunk(
 fn load_records(
     conn: &mut Conn<'_>,
     helpers: &mut [Conn<'_>],
-    client_id: i64,
-    table: &str,
+    (client_id, table): (i64, &str),
     chunk: &[Staged],
-    parsed: Vec<Parsed>,
+    (paths, parsed): (&Paths, Vec<Parsed>),
     helper_commits: &mut usize,
 ) -> QueryResult<ChunkOutcome> {
     let started = Instant::now();
@@ -362,8 +373,9 @@ fn load_records(
     let upgraded = catalog.upgrade_root(conn)?;
     let mut rejected: Vec<(&Staged, String)> = Vec::new();
     let mut accepted: Vec<Accepted<'_>> = Vec::with_capacity(chunk.len());
-    // The root's key fields as cell paths, once the root table is known.
-    let mut key_paths: Vec<String> = Vec::new();
+    // The root's key fields as cell paths, once the root table is known (`None`: a field
+    // no record of the chunk has).
+    let mut key_paths: Vec<Option<PathId>> = Vec::new();
     for (staged, flat) in chunk.iter().zip(parsed) {
         let flat = match flat {
             Ok(flat) => flat,
@@ -380,7 +392,7 @@ fn load_records(
             continue;
         }
         if !catalog.tables.contains_key(EMPTY_PATH) {
-            match key_types(&flat) {
+            match key_types(&flat, paths) {
                 Ok(types) => catalog.create_root(&flat.keys, &types),
                 Err(why) => {
                     rejected.push((staged, why));
@@ -395,7 +407,7 @@ fn load_records(
             key_paths = root
                 .key_fields
                 .iter()
-                .map(|f| path_key(std::slice::from_ref(f)))
+                .map(|f| paths.find_field(ROOT, f))
                 .collect();
         }
         match key_values(&flat, root, &key_paths) {
@@ -451,7 +463,7 @@ fn load_records(
         let received = Val::Time(a.staged.received_at);
         // The cells move into the rows: text is most of a chunk's bytes.
         let mut cells = std::mem::take(&mut a.flat.root.cells);
-        cells.retain(|(path, _)| !key_paths.contains(path));
+        cells.retain(|(path, _)| !key_paths.contains(&Some(*path)));
         let from = RowSource {
             seq,
             received: received.clone(),
@@ -461,10 +473,16 @@ fn load_records(
                 .as_ref()
                 .map(|m| (m.client_seq, m.table_version)),
         };
-        part.root
-            .push(&mut catalog, a.key_values.iter().cloned(), cells, from);
+        part.root.push(
+            &mut catalog,
+            paths,
+            a.key_values.iter().cloned(),
+            cells,
+            from,
+        );
         for child in std::mem::take(&mut a.flat.children) {
-            catalog.child_table(&child.array_path, child.positions.len())?;
+            let table_key = paths.array_text(child.array);
+            catalog.child_table(table_key, child.positions.len())?;
             let keys = a
                 .key_values
                 .iter()
@@ -477,9 +495,9 @@ fn load_records(
             };
             let rows = part
                 .children
-                .entry(child.array_path)
-                .or_insert_with_key(|path| TableRows::new(path.clone(), 0));
-            rows.push(&mut catalog, keys, child.row.cells, from);
+                .entry(child.array)
+                .or_insert_with(|| TableRows::new(table_key.to_owned(), 0));
+            rows.push(&mut catalog, paths, keys, child.row.cells, from);
         }
     }
     let t_place = started.elapsed();
@@ -603,7 +621,7 @@ impl Hash for KeyOf<'_> {
 #[derive(Default)]
 struct Share {
     root: TableRows,
-    children: FxHashMap<String, TableRows>,
+    children: FxHashMap<ArrayId, TableRows>,
     seqs: Vec<i64>,
 }
 
@@ -623,7 +641,7 @@ fn write_share(
     conn: &mut Conn<'_>,
     writing: &Writing<'_>,
     root_rows: TableRows,
-    children: FxHashMap<String, TableRows>,
+    children: FxHashMap<ArrayId, TableRows>,
 ) -> QueryResult<()> {
     let catalog = writing.catalog;
     let Some(root) = catalog.tables.get(EMPTY_PATH) else {
@@ -672,8 +690,8 @@ fn write_share(
     }
     let t_deletes = started.elapsed();
     let winners: FxHashSet<i64> = winners.into_iter().collect();
-    for (table_key, mut rows) in children {
-        let Some(info) = catalog.tables.get(&table_key) else {
+    for mut rows in children.into_values() {
+        let Some(info) = catalog.tables.get(&rows.table_key) else {
             continue;
         };
         rows.retain(|seq| winners.contains(&seq));
@@ -774,25 +792,29 @@ fn inline_width(cell: &Cell) -> usize {
     }
 }
 
-/// Parses and flattens every record of a chunk, on two threads for large chunks.
-fn flatten_all(chunk: &[Staged], declared: &SchemaTypes) -> Vec<Parsed> {
+/// Parses and flattens every record of a chunk, on two threads for large chunks (each
+/// numbering paths its own way until the second half is renumbered into the first's).
+fn flatten_all(chunk: &[Staged], declared: &SchemaTypes) -> ParsedChunk {
     const PARALLEL_ABOVE: usize = 512;
     let flatten = |part: &[Staged]| {
-        part.iter()
+        let mut paths = Paths::new();
+        let records = part
+            .iter()
             .map(|s| {
                 let keys = s.stitch.as_ref().map(|m| m.key_names.as_str());
-                let mut flat = flatten_with_keys(&s.record, keys)?;
+                let mut flat = flatten_with_keys(&s.record, keys, &mut paths)?;
                 // The schema types Stitch records only: RJMetrics records are typed by their
                 // values, whatever chunk they share.
                 if s.stitch.is_some() {
-                    declared.apply(&mut flat);
+                    declared.apply(&mut flat, &paths);
                     if flat.keys.is_empty() {
-                        key_by_sequence(&mut flat, s.seq);
+                        key_by_sequence(&mut flat, s.seq, &mut paths);
                     }
                 }
                 Ok(flat)
             })
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        ParsedChunk { paths, records }
     };
     if chunk.len() <= PARALLEL_ABOVE {
         return flatten(chunk);
@@ -800,31 +822,37 @@ fn flatten_all(chunk: &[Staged], declared: &SchemaTypes) -> Vec<Parsed> {
     let (first, second) = chunk.split_at(chunk.len() / 2);
     std::thread::scope(|scope| {
         let other = scope.spawn(|| flatten(second));
-        let mut flat = flatten(first);
-        match other.join() {
-            Ok(rest) => flat.extend(rest),
-            // A panic in the other half: redo it here, where it will surface normally.
-            Err(_) => flat.extend(flatten(second)),
-        }
-        flat
+        let mut parsed = flatten(first);
+        // A panic in the other half: redo it here, where it will surface normally.
+        let rest = other.join().unwrap_or_else(|_| flatten(second));
+        let renumbering = parsed.paths.merge(&rest.paths);
+        parsed
+            .records
+            .extend(rest.records.into_iter().map(|mut record| {
+                if let Ok(flat) = &mut record {
+                    flat.renumber(&renumbering);
+                }
+                record
+            }));
+        parsed
     })
 }
 
 /// Gives a record of an append-only table (a Stitch batch without key names) its staging
 /// sequence number as its key, in the field [`APPEND_ONLY_KEY`]: every record becomes a row
 /// of its own. A field of that name in the data is replaced.
-fn key_by_sequence(flat: &mut FlatRecord, seq: i64) {
-    let path = path_key(&[APPEND_ONLY_KEY.to_owned()]);
+fn key_by_sequence(flat: &mut FlatRecord, seq: i64, paths: &mut Paths) {
+    let path = paths.field(ROOT, APPEND_ONLY_KEY);
     flat.root.cells.retain(|(p, _)| *p != path);
     flat.root.cells.push((path, Cell::Int(seq)));
     flat.keys = vec![APPEND_ONLY_KEY.to_owned()];
 }
 
 /// Key column types for a new table, from the first record that declares its keys.
-fn key_types(flat: &FlatRecord) -> Result<Vec<ColType>, String> {
+fn key_types(flat: &FlatRecord, paths: &Paths) -> Result<Vec<ColType>, String> {
     flat.keys
         .iter()
-        .map(|k| match root_cell(flat, k) {
+        .map(|k| match cell_at(flat, paths.find_field(ROOT, k)) {
             Some(Cell::Int(_)) => Ok(ColType::BigInt),
             Some(Cell::Text(_) | Cell::Time(..)) => Ok(ColType::Text),
             Some(Cell::Bool(_)) => Ok(ColType::Boolean),
@@ -834,15 +862,13 @@ fn key_types(flat: &FlatRecord) -> Result<Vec<ColType>, String> {
         .collect()
 }
 
-fn root_cell<'a>(flat: &'a FlatRecord, field: &str) -> Option<&'a Cell> {
-    cell_at(flat, &path_key(&[field.to_owned()]))
-}
-
-fn cell_at<'a>(flat: &'a FlatRecord, path: &str) -> Option<&'a Cell> {
+/// The root cell at `path`, if the record has one (`None`: a path no record has).
+fn cell_at(flat: &FlatRecord, path: Option<PathId>) -> Option<&Cell> {
+    let path = path?;
     flat.root
         .cells
         .iter()
-        .find(|(p, _)| p == path)
+        .find(|(p, _)| *p == path)
         .map(|(_, c)| c)
 }
 
@@ -851,7 +877,7 @@ fn cell_at<'a>(flat: &'a FlatRecord, path: &str) -> Option<&'a Cell> {
 fn key_values(
     flat: &FlatRecord,
     root: &TableInfo,
-    key_paths: &[String],
+    key_paths: &[Option<PathId>],
 ) -> Result<Vec<Val>, String> {
     // The same names, as sets: a handful at most, so no hashing.
     let within = |a: &[String], b: &[String]| a.iter().all(|name| b.contains(name));
@@ -866,7 +892,7 @@ fn key_values(
         .zip(key_paths)
         .zip(&root.key_columns)
         .map(|((field, path), (_, t))| {
-            let cell = cell_at(flat, path)
+            let cell = cell_at(flat, *path)
                 .ok_or_else(|| format!("key field {field:?} is missing or null"))?;
             cell.coerce_to(*t).map(to_val).ok_or_else(|| {
                 format!(

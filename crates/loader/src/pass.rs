@@ -13,7 +13,7 @@ use intake_core::db::{DbConn, DbPool};
 use crate::catalog::ensure_namespace;
 use crate::dialect::Dialect;
 use crate::load_chunk::{
-    ChunkOutcome, Parsed, load_chunk, parse_chunk, record_history, record_rejections,
+    ChunkOutcome, ParsedChunk, load_chunk, parse_chunk, record_history, record_rejections,
 };
 use crate::queue::{self, ChunkLimits, Staged};
 use crate::sql::{BoolRow, Conn, Param, in_transaction};
@@ -164,7 +164,7 @@ struct Ahead {
     from: i64,
     chunk: Vec<Staged>,
     more: bool,
-    parsed: Vec<Parsed>,
+    parsed: ParsedChunk,
 }
 
 impl Ahead {

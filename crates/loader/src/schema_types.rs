@@ -13,7 +13,8 @@ use diesel::sql_types::Text;
 use rustc_hash::FxHashMap;
 use serde_json::{Map, Value};
 
-use crate::flatten::{ELEMENT_SEGMENT, FlatRecord, path_key};
+use crate::flatten::{ELEMENT_SEGMENT, EMPTY_PATH, FlatRecord, path_key};
+use crate::paths::{PathId, Paths, ROOT};
 use crate::sql::{Conn, Param};
 use crate::value_types::{Cell, ColType, parse_datetime};
 
@@ -75,27 +76,26 @@ impl SchemaTypes {
     /// Converts a flattened record's cells to their declared types where that loses nothing.
     /// Key fields keep the type their value has: the server checked them as keys (a string,
     /// a 64-bit integer or a boolean), and a key column's type is fixed by the first record.
-    pub fn apply(&self, flat: &mut FlatRecord) {
+    pub fn apply(&self, flat: &mut FlatRecord, paths: &Paths) {
         if self.is_empty() {
             return;
         }
-        let root = path_key(&[]);
-        let keys: Vec<String> = flat
+        let keys: Vec<PathId> = flat
             .keys
             .iter()
-            .map(|k| path_key(std::slice::from_ref(k)))
+            .filter_map(|k| paths.find_field(ROOT, k))
             .collect();
         for (path, cell) in &mut flat.root.cells {
             if keys.contains(path) {
                 continue;
             }
-            if let Some(t) = self.declared(&root, path) {
+            if let Some(t) = self.declared(EMPTY_PATH, paths.text(*path)) {
                 retype(cell, t);
             }
         }
         for child in &mut flat.children {
             for (path, cell) in &mut child.row.cells {
-                if let Some(t) = self.declared(&child.array_path, path) {
+                if let Some(t) = self.declared(paths.array_text(child.array), paths.text(*path)) {
                     retype(cell, t);
                 }
             }
@@ -269,18 +269,20 @@ mod tests {
     #[test]
     fn cells_take_their_declared_types() {
         let types = SchemaTypes::from_schema(&schema());
+        let mut paths = Paths::new();
         let mut flat = flatten_with_keys(
             r#"{"id": 1, "price": 5, "count": 5.0, "looks_like_a_date": "2026-11-26", "at": "2026-11-26T10:00:00Z",
                 "items": [{"qty": 2, "tags": ["2026-01-01"]}], "keys": "data, not keys"}"#,
             Some(r#"["id"]"#),
+            &mut paths,
         )
         .expect("flattens");
-        types.apply(&mut flat);
+        types.apply(&mut flat, &paths);
         let root: FxHashMap<&str, &Cell> = flat
             .root
             .cells
             .iter()
-            .map(|(p, c)| (p.as_str(), c))
+            .map(|(p, c)| (paths.text(*p), c))
             .collect();
         assert_eq!(root[r#"["price"]"#], &Cell::Float(5.0));
         assert_eq!(root[r#"["count"]"#], &Cell::Int(5));
@@ -298,12 +300,12 @@ mod tests {
         let qty = &flat
             .children
             .iter()
-            .find(|c| c.array_path == r#"[["items"]]"#);
+            .find(|c| paths.array_text(c.array) == r#"[["items"]]"#);
         assert_eq!(qty.map(|c| &c.row.cells[0].1), Some(&Cell::Float(2.0)));
         let tag = flat
             .children
             .iter()
-            .find(|c| c.array_path == r#"[["items"],["tags"]]"#)
+            .find(|c| paths.array_text(c.array) == r#"[["items"],["tags"]]"#)
             .map(|c| &c.row.cells[0].1);
         assert_eq!(tag, Some(&Cell::Text("2026-01-01".into())));
     }
