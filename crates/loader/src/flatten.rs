@@ -157,13 +157,15 @@ impl Flattening<'_> {
     ) {
         // Sized up front: growing these vectors one push at a time cost more than filling them.
         row.cells.reserve(fields.len());
+        let mut previous = None;
         for (name, value) in fields {
             if matches!(value, Json::Null) {
                 // Stores nothing, but a NUL in its name marks the record as in any field.
                 self.out.has_nul |= name.contains('\0');
                 continue;
             }
-            let path = self.paths.field(prefix, &name);
+            let path = self.paths.next_field(prefix, previous, &name);
+            previous = Some(path);
             self.out.has_nul |= self.paths.has_nul(path);
             self.value(value, path, at, row);
         }

@@ -44,6 +44,10 @@ struct Node<S> {
     /// Whether a name on the way holds a NUL character (PostgreSQL cannot store it).
     has_nul: bool,
     next: FxHashMap<S, u32>,
+    /// Guesses from the record before (field paths only; [`ROOT`] for none): the first
+    /// field of the object at this path, and the field that followed this one.
+    first: u32,
+    after: u32,
 }
 
 impl<S: Hash + Eq + Clone + Default> Tree<S> {
@@ -55,6 +59,8 @@ impl<S: Hash + Eq + Clone + Default> Tree<S> {
                 text: "[]".into(),
                 has_nul: false,
                 next: FxHashMap::default(),
+                first: ROOT,
+                after: ROOT,
             }],
         }
     }
@@ -86,6 +92,8 @@ impl<S: Hash + Eq + Clone + Default> Tree<S> {
             text: text.into(),
             has_nul,
             next: FxHashMap::default(),
+            first: ROOT,
+            after: ROOT,
         });
         id
     }
@@ -120,6 +128,27 @@ impl Paths {
         push_json_string(&mut item, name);
         self.fields
             .add(parent, name.into(), &item, name.contains('\0'))
+    }
+
+    /// [`Paths::field`] for the fields of an object in their order, `previous` being the
+    /// one before (`None` for the first). Records of a table mostly share their shape, so
+    /// the field that came next last time is tried first, before any hashing.
+    pub fn next_field(&mut self, parent: PathId, previous: Option<PathId>, name: &str) -> PathId {
+        let nodes = &self.fields.nodes;
+        let guess = match previous {
+            Some(p) => nodes[p as usize].after,
+            None => nodes[parent as usize].first,
+        };
+        let candidate = &nodes[guess as usize];
+        if guess != ROOT && candidate.parent == parent && *candidate.step == *name {
+            return guess;
+        }
+        let id = self.field(parent, name);
+        match previous {
+            Some(p) => self.fields.nodes[p as usize].after = id,
+            None => self.fields.nodes[parent as usize].first = id,
+        }
+        id
     }
 
     /// The path of field `name` inside the object at `parent`, if some record had it.
@@ -206,6 +235,26 @@ mod tests {
         assert_eq!(paths.array(outer, tags), inner);
         assert_eq!(paths.array_text(inner), r#"[["items"],["tags"]]"#);
         assert_eq!(paths.array_text(ROOT), "[]");
+    }
+
+    #[test]
+    fn next_field_finds_the_same_paths_as_field() {
+        let mut paths = Paths::new();
+        let shapes: [&[&str]; 4] = [&["a", "b", "c"], &["a", "c"], &["b", "c", "d"], &["a", "b"]];
+        for parent in [ROOT, 1] {
+            for shape in shapes {
+                let mut previous = None;
+                for name in shape {
+                    let id = paths.next_field(parent, previous, name);
+                    assert_eq!(paths.find_field(parent, name), Some(id), "{name}");
+                    previous = Some(id);
+                }
+            }
+        }
+        // The same names under another parent are other paths.
+        let a = paths.find_field(ROOT, "a");
+        let nested = paths.find_field(1, "a");
+        assert!(a.is_some() && nested.is_some() && a != nested);
     }
 
     #[test]
