@@ -101,6 +101,30 @@ fn data_tables(db: &TestDb) -> Vec<String> {
 }
 
 /// The rows of one of [`CLIENT`]'s tables.
+/// Checks a child table two array levels deep whose elements are scalars: its primary key,
+/// the type of its `value` column, and its rows as `[root id, outer position, inner
+/// position, value]`.
+fn assert_two_level_values(db: &TestDb, table: &str, value_type: String, expected: &[Value]) {
+    let positions = ["_intake_root_id", "_intake_pos_0", "_intake_pos_1"];
+    assert_eq!(primary_key(db, CLIENT, table), positions, "{table}");
+    assert_eq!(
+        column_types(db, CLIENT, table)["value"],
+        value_type,
+        "{table}"
+    );
+    let order: Vec<String> = positions.iter().map(|c| format!("\"{c}\"")).collect();
+    let found: Vec<Value> = rows(db, table, &order.join(", "))
+        .iter()
+        .map(|r| pick(r, &[positions[0], positions[1], positions[2], "value"]))
+        .collect();
+    assert_eq!(found, expected, "{table}");
+}
+
+/// The row's values of `columns`, as one array.
+fn pick(row: &Value, columns: &[&str]) -> Value {
+    Value::Array(columns.iter().map(|c| row[*c].clone()).collect())
+}
+
 fn rows(db: &TestDb, table: &str, order_by: &str) -> Vec<Value> {
     warehouse_rows(db, CLIENT, table, order_by)
 }
@@ -445,9 +469,6 @@ fn arrays_become_child_tables(backend: Backend) {
         primary_key(&db, CLIENT, "orders__items"),
         ["_intake_root_id", "_intake_pos_0"]
     );
-    let pick = |row: &Value, columns: &[&str]| -> Value {
-        Value::Array(columns.iter().map(|c| row[*c].clone()).collect())
-    };
     let item_rows = rows(
         &db,
         "orders__items",
@@ -480,55 +501,21 @@ fn arrays_become_child_tables(backend: Backend) {
         assert!(row["_intake_loaded_at"].is_string(), "{row}");
     }
 
-    assert_eq!(
-        primary_key(&db, CLIENT, "orders__items__tags"),
-        ["_intake_root_id", "_intake_pos_0", "_intake_pos_1"]
-    );
-    assert_eq!(
-        column_types(&db, CLIENT, "orders__items__tags")["value"],
-        ty("text")
-    );
-    let tags = rows(
+    assert_two_level_values(
         &db,
         "orders__items__tags",
-        "\"_intake_root_id\", \"_intake_pos_0\", \"_intake_pos_1\"",
+        ty("text"),
+        &[json!([7, 1, 0, "red"]), json!([7, 1, 1, "xl"])],
     );
-    assert_eq!(
-        tags.iter()
-            .map(|r| pick(
-                r,
-                &["_intake_root_id", "_intake_pos_0", "_intake_pos_1", "value"]
-            ))
-            .collect::<Vec<_>>(),
-        [json!([7, 1, 0, "red"]), json!([7, 1, 1, "xl"])]
-    );
-
-    assert_eq!(
-        primary_key(&db, CLIENT, "orders__matrix__value"),
-        ["_intake_root_id", "_intake_pos_0", "_intake_pos_1"]
-    );
-    assert_eq!(
-        column_types(&db, CLIENT, "orders__matrix__value")["value"],
-        ty("bigint")
-    );
-    let matrix = rows(
+    assert_two_level_values(
         &db,
         "orders__matrix__value",
-        "\"_intake_root_id\", \"_intake_pos_0\", \"_intake_pos_1\"",
-    );
-    assert_eq!(
-        matrix
-            .iter()
-            .map(|r| pick(
-                r,
-                &["_intake_root_id", "_intake_pos_0", "_intake_pos_1", "value"]
-            ))
-            .collect::<Vec<_>>(),
-        [
+        ty("bigint"),
+        &[
             json!([7, 0, 0, 1]),
             json!([7, 0, 1, 2]),
-            json!([7, 1, 0, 3])
-        ]
+            json!([7, 1, 0, 3]),
+        ],
     );
 
     let phones = rows(&db, "orders__customer__phones", "\"_intake_pos_0\"");
@@ -1913,15 +1900,20 @@ fn watch_loads_new_records_until_stopped(backend: Backend) {
     );
 }
 
-fn the_embedded_loader_loads_without_a_separate_loader(backend: Backend) {
-    let db = TestDb::new(backend);
-    let server = Server::start(
-        &db,
+/// A server whose embedded loader (`loader.embedded` = `mode`) runs every second.
+fn with_embedded_loader(db: &TestDb, mode: &str) -> Server {
+    Server::start(
+        db,
         &[
-            ("INTAKE__LOADER__EMBEDDED", "on"),
+            ("INTAKE__LOADER__EMBEDDED", mode),
             ("INTAKE__LOADER__EMBEDDED_INTERVAL_SECS", "1"),
         ],
-    );
+    )
+}
+
+fn the_embedded_loader_loads_without_a_separate_loader(backend: Backend) {
+    let db = TestDb::new(backend);
+    let server = with_embedded_loader(&db, "on");
     let (_, key) = issue_key(&db, CLIENT, "embedded");
     push(
         &server,
@@ -1963,13 +1955,7 @@ fn the_embedded_loader_loads_without_a_separate_loader(backend: Backend) {
 
 fn the_embedded_loader_is_on_by_default_for_sqlite_only(backend: Backend) {
     let db = TestDb::new(backend);
-    let server = Server::start(
-        &db,
-        &[
-            ("INTAKE__LOADER__EMBEDDED", "auto"),
-            ("INTAKE__LOADER__EMBEDDED_INTERVAL_SECS", "1"),
-        ],
-    );
+    let server = with_embedded_loader(&db, "auto");
     let (_, key) = issue_key(&db, CLIENT, "embedded auto");
     push(&server, &key, "events", &[json!({"id": 1, "keys": ["id"]})]);
     match backend {
