@@ -1287,3 +1287,63 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod flatten_all_tests {
+    use super::*;
+
+    /// Each cell as (table text, path text, cell), so records numbered in different tables of
+    /// paths can be compared.
+    fn cells_by_text(flat: &FlatRecord, paths: &Paths) -> Vec<(String, String, Cell)> {
+        let mut all: Vec<(String, String, Cell)> = flat
+            .root
+            .cells
+            .iter()
+            .map(|(p, c)| (EMPTY_PATH.to_owned(), paths.text(*p).to_owned(), c.clone()))
+            .collect();
+        for child in &flat.children {
+            let table = paths.array_text(child.array).to_owned();
+            for (p, c) in &child.row.cells {
+                all.push((table.clone(), paths.text(*p).to_owned(), c.clone()));
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn a_chunk_parsed_in_two_halves_reads_as_each_record_alone() {
+        // Shapes that differ between the halves, so that the second half numbers its paths in
+        // another order and has paths the first half never saw.
+        let chunk: Vec<Staged> = (0..1200i64)
+            .map(|i| {
+                let record = if i < 600 {
+                    format!(r#"{{"keys": ["id"], "id": {i}, "a": {{"b": {i}}}, "list": [{{"x": 1}}]}}"#)
+                } else {
+                    format!(
+                        r#"{{"keys": ["id"], "zz": "late", "id": {i}, "list": [{{"y": [true]}}], "a": {{"c": "{i}"}}}}"#
+                    )
+                };
+                Staged {
+                    seq: i,
+                    received_at: chrono::Utc::now(),
+                    record,
+                    stitch: None,
+                }
+            })
+            .collect();
+        let parsed = flatten_all(&chunk, &SchemaTypes::default());
+        assert_eq!(parsed.records.len(), chunk.len());
+        for (staged, record) in chunk.iter().zip(&parsed.records) {
+            let mut alone_paths = Paths::new();
+            let alone =
+                flatten_with_keys(&staged.record, None, &mut alone_paths).expect("flattens");
+            let together = record.as_ref().expect("flattens");
+            assert_eq!(
+                cells_by_text(together, &parsed.paths),
+                cells_by_text(&alone, &alone_paths),
+                "record {}",
+                staged.seq
+            );
+        }
+    }
+}
