@@ -448,10 +448,14 @@ fn load_records(
     for (i, a) in accepted.iter().enumerate() {
         parts[share_of[i]].seqs.push(a.staged.seq);
     }
-    // Root rows sized up front: a chunk's rows are large, and growing copied them over again.
+    // Rows sized up front: a chunk's rows are large, and growing copied them over again.
     let mut roots_per_share = vec![0usize; shares];
+    let mut children_per_share = vec![vec![0usize; paths.array_count()]; shares];
     for &i in &candidates {
         roots_per_share[share_of[i]] += 1;
+        for child in &accepted[i].flat.children {
+            children_per_share[share_of[i]][child.array as usize] += 1;
+        }
     }
     for (part, roots) in parts.iter_mut().zip(roots_per_share) {
         part.root = TableRows::new(EMPTY_PATH.to_owned(), roots);
@@ -459,6 +463,7 @@ fn load_records(
     for &i in &candidates {
         let a = &mut accepted[i];
         let part = &mut parts[share_of[i]];
+        let child_rows = &children_per_share[share_of[i]];
         let seq = a.staged.seq;
         let received = Val::Time(a.staged.received_at);
         // The cells move into the rows: text is most of a chunk's bytes.
@@ -493,10 +498,9 @@ fn load_records(
                 received: received.clone(),
                 stitch: None,
             };
-            let rows = part
-                .children
-                .entry(child.array)
-                .or_insert_with(|| TableRows::new(table_key.to_owned(), 0));
+            let rows = part.children.entry(child.array).or_insert_with(|| {
+                TableRows::new(table_key.to_owned(), child_rows[child.array as usize])
+            });
             rows.push(&mut catalog, paths, keys, child.row.cells, from);
         }
     }

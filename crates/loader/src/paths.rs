@@ -187,6 +187,11 @@ impl Paths {
         self.fields.nodes.len()
     }
 
+    /// How many array paths there are (numbers run from 0 to this, exclusive).
+    pub fn array_count(&self) -> usize {
+        self.arrays.nodes.len()
+    }
+
     /// Adds `other`'s paths to these, and says which number each of `other`'s now has.
     pub fn merge(&mut self, other: &Paths) -> Renumbering {
         // A node's parent always has a lower number, so it is placed first.
