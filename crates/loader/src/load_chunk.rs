@@ -532,16 +532,28 @@ fn load_records(
         }
     };
     if parallel {
-        let mine = write_in_parallel(conn, helpers, &writing, parts, helper_commits, |c, seqs| {
+        let finish = |c: &mut Conn<'_>, seqs: &[i64]| {
             queue::delete_seqs(c, client_id, table, seqs)?;
             history(c, seqs, seqs.len(), 0)
-        })?;
-        record_rejections(conn, client_id, table, &rejected)?;
-        let mut seqs = mine.seqs;
-        let loaded = seqs.len();
-        seqs.extend(rejected.iter().map(|(s, _)| s.seq));
-        queue::delete_seqs(conn, client_id, table, &seqs)?;
-        history(conn, &seqs, loaded, rejected.len())?;
+        };
+        // The first share's staging delete and history (and the chunk's rejections) run
+        // while the helpers may still be writing, not after them.
+        let finish_mine = |c: &mut Conn<'_>, mine: &[i64]| {
+            record_rejections(c, client_id, table, &rejected)?;
+            let mut seqs = mine.to_vec();
+            seqs.extend(rejected.iter().map(|(s, _)| s.seq));
+            queue::delete_seqs(c, client_id, table, &seqs)?;
+            history(c, &seqs, mine.len(), rejected.len())
+        };
+        write_in_parallel(
+            conn,
+            helpers,
+            &writing,
+            parts,
+            helper_commits,
+            finish,
+            finish_mine,
+        )?;
     } else {
         for part in parts {
             write_share(conn, &writing, part.root, part.children)?;
@@ -717,8 +729,9 @@ fn write_share(
 /// commits whole or not at all. Shares hold disjoint keys, so they never wait for one
 /// another. The helpers commit before this returns, within the caller's hold of the table's
 /// load lock; if any fails, so does the chunk, and the shares already committed are simply no
-/// longer staged (`helper_commits` grows by their records). Returns the first share, for the
-/// caller to finish.
+/// longer staged (`helper_commits` grows by their records). The first share is finished by
+/// `finish_mine` in the caller's transaction as soon as it is written, while the helpers may
+/// still be writing theirs.
 fn write_in_parallel(
     conn: &mut Conn<'_>,
     helpers: &mut [Conn<'_>],
@@ -726,11 +739,12 @@ fn write_in_parallel(
     mut shares: Vec<Share>,
     helper_commits: &mut usize,
     finish: impl Fn(&mut Conn<'_>, &[i64]) -> QueryResult<()> + Sync,
-) -> QueryResult<Share> {
+    finish_mine: impl FnOnce(&mut Conn<'_>, &[i64]) -> QueryResult<()>,
+) -> QueryResult<()> {
     debug_assert!(shares.len() <= helpers.len() + 1);
     let others = shares.split_off(1);
-    let Some(mut mine) = shares.pop() else {
-        return Ok(Share::default());
+    let Some(mine) = shares.pop() else {
+        return Ok(());
     };
     let finish = &finish;
     std::thread::scope(|scope| {
@@ -748,12 +762,8 @@ fn write_in_parallel(
                 })
             })
             .collect();
-        let written = write_share(
-            conn,
-            writing,
-            std::mem::take(&mut mine.root),
-            std::mem::take(&mut mine.children),
-        );
+        let written = write_share(conn, writing, mine.root, mine.children)
+            .and_then(|()| finish_mine(conn, &mine.seqs));
         let joined: Vec<QueryResult<usize>> = running
             .into_iter()
             .map(|handle| {
@@ -768,7 +778,7 @@ fn write_in_parallel(
         written?;
         joined.into_iter().collect::<QueryResult<Vec<usize>>>()
     })?;
-    Ok(mine)
+    Ok(())
 }
 
 /// A helper's transaction settings: no synchronous commit, as for the caller's (the share's
