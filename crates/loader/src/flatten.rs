@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 
 use crate::json_tree::{self, Json};
-use crate::paths::{ArrayId, PathId, Paths, ROOT};
+use crate::paths::{ArrayId, PathId, Paths, ROOT, Renumbering};
 use crate::value_types::{Cell, scalar_cell};
 
 /// A row of one table: its non-null cells by field path.
@@ -46,7 +46,7 @@ pub struct FlatRecord {
 impl FlatRecord {
     /// Gives the record's paths the numbers they have after their [`Paths`] was merged into
     /// another (see [`Paths::merge`]).
-    pub fn renumber(&mut self, to: &crate::paths::Renumbering) {
+    pub fn renumber(&mut self, to: &Renumbering) {
         let rows = std::iter::once(&mut self.root).chain(self.children.iter_mut().map(|c| {
             c.array = to.arrays[c.array as usize];
             &mut c.row

@@ -112,12 +112,11 @@ impl TableRows {
             }
             Placement::Overflow => (Placed::Overflow, None),
         };
-        let at = path as usize;
-        if self.placed.len() <= at {
-            self.placed
-                .resize_with(paths.field_count().max(at + 1), Vec::new);
+        // The chunk's paths are all known once it is parsed: one slot for each.
+        if self.placed.is_empty() {
+            self.placed.resize_with(paths.field_count(), Vec::new);
         }
-        self.placed[at].push((t, placed));
+        self.placed[path as usize].push((t, placed));
         answer
     }
 
