@@ -19,6 +19,7 @@ use support::{
 
 both_backends!(
     a_large_chunk_loads_alike_with_one_writer_or_two,
+    a_schema_that_grows_chunk_by_chunk_loads_alike_with_or_without_read_ahead,
     a_database_error_in_a_shared_chunk_rejects_only_the_record_at_fault,
     a_chunk_holds_no_more_bytes_than_configured,
     child_rows_left_by_a_root_deleted_by_hand_do_not_block_its_next_version,
@@ -2528,6 +2529,120 @@ fn a_chunk_holds_no_more_bytes_than_configured(backend: Backend) {
 
 /// 3,000 order records over 2,200 keys: later versions of 800 keys change their fields and
 /// grow, shrink or drop their arrays. Deterministic.
+/// Records whose schema grows as they arrive: every ten bring a new field, then a field
+/// with values of two types, an array, an array nested in its elements and a double where
+/// integers were; every fifth record is a new version of an earlier key.
+fn growing_schema() -> Vec<Value> {
+    (0..70i64)
+        .map(|i| {
+            let group = i / 10;
+            let id = if i % 5 == 4 { i / 3 + 1 } else { i + 1 };
+            let mut record = json!({"id": id, "keys": ["id"], "n": i});
+            let fields = record.as_object_mut().expect("an object");
+            if group >= 1 {
+                fields.insert(format!("field_{group}"), json!(i));
+            }
+            if group >= 2 {
+                let amount = if i % 2 == 0 {
+                    json!(i)
+                } else {
+                    json!(format!("{i} EUR"))
+                };
+                fields.insert("amount".into(), amount);
+            }
+            if group >= 3 {
+                fields.insert("lines".into(), json!([{"sku": format!("s{i}"), "qty": i}]));
+            }
+            if group >= 4 {
+                fields.insert(
+                    "lines".into(),
+                    json!([{"sku": "x", "parts": [{"p": i}, {"p": i + 1}]}, {"sku": "y"}]),
+                );
+            }
+            if group >= 5 {
+                fields.insert("n".into(), json!(i as f64 + 0.5));
+            }
+            record
+        })
+        .collect()
+}
+
+/// On PostgreSQL a loader places the next chunk's rows while the current one is written,
+/// against the schema as the current one leaves it. Loaded in small chunks whose schema
+/// keeps growing, the warehouse (tables, columns, rows) must come out as when every chunk is
+/// loaded by a run of its own (nothing read or placed ahead), and the chunks placed ahead
+/// must be used rather than placed again.
+fn a_schema_that_grows_chunk_by_chunk_loads_alike_with_or_without_read_ahead(backend: Backend) {
+    const CHUNK: usize = 7;
+    let records = growing_schema();
+    let mut loaded = Vec::new();
+    for one_run in [true, false] {
+        let db = TestDb::new(backend);
+        let (server, key) = start(&db);
+        let mut logs = String::new();
+        for part in records.chunks(CHUNK) {
+            push(&server, &key, "orders", part);
+            if !one_run {
+                logs.push_str(&load_in_chunks(&db, CHUNK));
+            }
+        }
+        if one_run {
+            logs = load_in_chunks(&db, CHUNK);
+        }
+        assert_staging_empty(&db);
+        let ahead = logs.matches("(ahead)").count();
+        if backend == Backend::Postgres && one_run {
+            // Ten chunks: each but the first is read, and placed, during the one before.
+            assert_eq!(ahead, records.len() / CHUNK - 1, "{logs}");
+            assert!(!logs.contains("placed again"), "{logs}");
+        } else {
+            assert_eq!(ahead, 0, "{logs}");
+        }
+        let mut tables = BTreeMap::new();
+        for table in warehouse_tables(&db, CLIENT) {
+            if table.starts_with("_intake_") {
+                continue;
+            }
+            let mut table_rows = rows_as_loaded(&db, &table, "1");
+            table_rows.sort_by_key(|r| r.to_string());
+            tables.insert(table, table_rows);
+        }
+        let catalog: Vec<Value> = rows(&db, "_intake_columns", "\"id\"")
+            .into_iter()
+            .map(|mut r| {
+                if let Some(fields) = r.as_object_mut() {
+                    fields.remove("created_at");
+                }
+                r
+            })
+            .collect();
+        loaded.push((tables, catalog));
+    }
+    let (tables, catalog) = &loaded[0];
+    assert!(
+        tables.len() >= 3,
+        "a root and two child tables: {tables:#?}"
+    );
+    assert!(
+        catalog.iter().any(|c| c["value_type"] == "text")
+            && catalog.iter().any(|c| c["value_type"] == "double"),
+        "typed siblings and a widened column: {catalog:#?}"
+    );
+    assert_eq!(loaded[0], loaded[1]);
+}
+
+/// `intake-loader run` in chunks of `records`, which must succeed; its debug log.
+fn load_in_chunks(db: &TestDb, records: usize) -> String {
+    let out = run_cli(
+        env!("CARGO_BIN_EXE_intake-loader"),
+        db,
+        &["run", "--chunk-size", &records.to_string()],
+        &[("RUST_LOG", "intake_loader=debug")],
+    );
+    out.assert_success();
+    out.stderr
+}
+
 fn many_versions() -> Vec<Value> {
     (0..3000i64)
         .map(|i| {

@@ -37,7 +37,7 @@ pub const HISTORY_TABLE: &str = "_intake_load_history";
 pub const REJECTED_TABLE: &str = "_intake_rejected";
 
 /// A warehouse table of one pushed table family (the root or one of its child tables).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TableInfo {
     /// Physical name inside the client's namespace.
     pub name: String,
@@ -98,7 +98,7 @@ impl TableInfo {
 }
 
 /// Columns or tables that the current chunk must create before writing.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct PendingDdl {
     /// Array paths (family keys) of new tables.
     pub new_tables: Vec<String>,
@@ -112,7 +112,7 @@ impl PendingDdl {
 }
 
 /// A catalog entry to record, and the column to add if it is a new one.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct NewColumn {
     pub table_key: String,
     pub column: String,
@@ -148,6 +148,7 @@ struct ColumnRow {
 }
 
 /// What a chunk needs to know about one pushed table and its child tables.
+#[derive(Debug, Clone)]
 pub struct Catalog {
     pub client_id: i64,
     pub dialect: Dialect,
@@ -229,6 +230,18 @@ pub fn ensure_namespace(conn: &mut Conn<'_>, client_id: i64) -> QueryResult<()> 
 }
 
 impl Catalog {
+    /// Whether two catalogs describe the same tables and columns, with nothing pending:
+    /// rows placed against one are placed as they would be against the other.
+    pub fn same_as(&self, other: &Catalog) -> bool {
+        self.ddl.is_empty()
+            && other.ddl.is_empty()
+            && self.client_id == other.client_id
+            && self.dialect == other.dialect
+            && self.table == other.table
+            && self.tables == other.tables
+            && self.taken_names == other.taken_names
+    }
+
     /// Reads the catalog entries of one pushed table's family.
     pub fn load(conn: &mut Conn<'_>, client_id: i64, table: &str) -> QueryResult<Catalog> {
         let dialect = conn.dialect();

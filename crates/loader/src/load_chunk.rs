@@ -4,7 +4,8 @@
 //! the chunk from staging and note the load in the history.
 
 use std::hash::{Hash, Hasher};
-use std::time::Instant;
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
 
 use diesel::QueryResult;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -228,28 +229,74 @@ struct RowSource {
     stitch: Option<(i64, Option<i64>)>,
 }
 
+/// How far a chunk was prepared before its transaction began.
+pub enum Prepared {
+    /// Parsed and flattened ([`parse_chunk`]).
+    Parsed(ParsedChunk),
+    /// Also checked and placed into rows, on the read-ahead thread while the chunk before
+    /// was written. Used only if the transaction that writes it reads the same catalog as
+    /// the one it was placed against.
+    Placed(Box<PlacedAhead>),
+}
+
+/// A chunk placed against `base`, the catalog as the chunk before it left it.
+pub struct PlacedAhead {
+    pub base: Catalog,
+    pub placed: PlacedChunk,
+}
+
 /// Loads `chunk` (in sequence order) for one table. Runs in the caller's transaction;
 /// `helpers` (idle connections, PostgreSQL) may each write a share of a large chunk in a
 /// transaction of their own (see [`write_in_parallel`]).
 /// An activate_version marker splits the chunk: the records before it are loaded, then the
 /// table's older versions are removed, then the records after it are loaded.
-/// `flat` holds each record's [`parse_chunk`] result, in order. `helper_commits` grows by
-/// the records whose shares helpers committed: they stay loaded if the chunk then fails.
+/// `prepared` holds the chunk parsed (or placed) in order. `helper_commits` grows by the
+/// records whose shares helpers committed: they stay loaded if the chunk then fails.
+/// `next_catalog`, if given, receives the catalog as this chunk leaves it as soon as its
+/// schema changes are made, so that the next chunk can be placed while this one is written
+/// (not sent for a chunk with markers).
 pub fn load_chunk(
     conn: &mut Conn<'_>,
     helpers: &mut [Conn<'_>],
-    client_id: i64,
-    table: &str,
+    (client_id, table): (i64, &str),
     chunk: &[Staged],
-    parsed: ParsedChunk,
+    prepared: Prepared,
     helper_commits: &mut usize,
+    next_catalog: Option<Sender<Catalog>>,
 ) -> QueryResult<ChunkOutcome> {
+    // Whether this transaction altered the root table (helpers would wait on it).
+    let mut upgraded = false;
+    let parsed = match prepared {
+        Prepared::Parsed(parsed) => parsed,
+        Prepared::Placed(ahead) => {
+            let PlacedAhead { base, placed } = *ahead;
+            let started = Instant::now();
+            let catalog = Catalog::load(conn, client_id, table)?;
+            upgraded = catalog.upgrade_root(conn)?;
+            let fits = placed.parts.len() <= helpers.len() + 1;
+            if !upgraded && fits && catalog.same_as(&base) {
+                let writing = WriteChunk {
+                    ids: (client_id, table),
+                    chunk,
+                    upgraded,
+                    started,
+                    ahead: true,
+                    next_catalog: next_catalog.as_ref(),
+                };
+                return write_placed(conn, helpers, writing, placed, helper_commits);
+            }
+            // The schema moved since (another loader, or a chunk that failed): place anew.
+            log::debug!("client {client_id} table {table}: chunk placed ahead is placed again");
+            parse_chunk(conn, client_id, table, chunk)?
+        }
+    };
     // A marker's deletes hold row locks in the caller's transaction that a helper could wait
     // on while the caller waits for the helper: such a chunk is written by one connection.
-    let helpers = if chunk.iter().any(Staged::is_activation) {
-        &mut []
+    let has_markers = chunk.iter().any(Staged::is_activation);
+    let (helpers, next_catalog) = if has_markers {
+        (&mut [][..], None)
     } else {
-        helpers
+        (helpers, next_catalog)
     };
     let mut outcome = ChunkOutcome::default();
     let mut rest = chunk;
@@ -265,14 +312,19 @@ pub fn load_chunk(
         }
         let (records, after) = rest.split_at(split.unwrap_or(rest.len()));
         let parsed: Vec<Parsed> = flat.by_ref().take(records.len()).collect();
-        let done = load_records(
-            conn,
-            helpers,
-            (client_id, table),
-            records,
-            (&paths, parsed),
-            helper_commits,
-        )?;
+        let started = Instant::now();
+        let catalog = Catalog::load(conn, client_id, table)?;
+        upgraded |= catalog.upgrade_root(conn)?;
+        let placed = place_records(catalog, records, &paths, parsed, helpers.len())?;
+        let writing = WriteChunk {
+            ids: (client_id, table),
+            chunk: records,
+            upgraded,
+            started,
+            ahead: false,
+            next_catalog: next_catalog.as_ref(),
+        };
+        let done = write_placed(conn, helpers, writing, placed, helper_commits)?;
         outcome.loaded += done.loaded;
         outcome.rejected += done.rejected;
         rest = after;
@@ -356,36 +408,50 @@ pub fn parse_chunk(
     Ok(flatten_all(chunk, &declared))
 }
 
-/// Loads records (no activate_version markers among them).
-fn load_records(
-    conn: &mut Conn<'_>,
-    helpers: &mut [Conn<'_>],
-    (client_id, table): (i64, &str),
+/// A chunk's records checked and placed into rows, share by share, ready to write. It
+/// borrows nothing (rejected records are named by their index in the chunk), so that the
+/// read-ahead thread can make it while the chunk before is written.
+pub struct PlacedChunk {
+    /// The catalog with this chunk's new tables and columns (pending, not yet made).
+    catalog: Catalog,
+    /// Tables (by array path) that existed before this chunk: only they can hold old rows.
+    pre_existing: Vec<String>,
+    parts: Vec<Share>,
+    /// Records turned away, by index in the chunk, and why.
+    rejected: Vec<(usize, String)>,
+    accepted: usize,
+    checks: Duration,
+    placing: Duration,
+}
+
+/// Checks a chunk's records (no activate_version markers among them), keeps the newest
+/// record per key, and places their cells into rows against `catalog`, which grows with new
+/// tables and columns: CPU only, no database. `helpers` sets how many shares it is cut into.
+pub fn place_records(
+    mut catalog: Catalog,
     chunk: &[Staged],
-    (paths, parsed): (&Paths, Vec<Parsed>),
-    helper_commits: &mut usize,
-) -> QueryResult<ChunkOutcome> {
+    paths: &Paths,
+    parsed: Vec<Parsed>,
+    helpers: usize,
+) -> QueryResult<PlacedChunk> {
     let started = Instant::now();
-    let started_at = intake_core::timestamps::now();
-    let dialect = conn.dialect();
-    let mut catalog = Catalog::load(conn, client_id, table)?;
-    let upgraded = catalog.upgrade_root(conn)?;
-    let mut rejected: Vec<(&Staged, String)> = Vec::new();
+    let dialect = catalog.dialect;
+    let mut rejected: Vec<(usize, String)> = Vec::new();
     let mut accepted: Vec<Accepted<'_>> = Vec::with_capacity(chunk.len());
     // The root's key fields as cell paths, once the root table is known (`None`: a field
     // no record of the chunk has).
     let mut key_paths: Vec<Option<PathId>> = Vec::new();
-    for (staged, flat) in chunk.iter().zip(parsed) {
+    for (index, (staged, flat)) in chunk.iter().zip(parsed).enumerate() {
         let flat = match flat {
             Ok(flat) => flat,
             Err(why) => {
-                rejected.push((staged, why));
+                rejected.push((index, why));
                 continue;
             }
         };
         if dialect == Dialect::Postgres && flat.has_nul {
             rejected.push((
-                staged,
+                index,
                 "holds a NUL character (\\u0000), which PostgreSQL text cannot store".into(),
             ));
             continue;
@@ -394,7 +460,7 @@ fn load_records(
             match key_types(&flat, paths) {
                 Ok(types) => catalog.create_root(&flat.keys, &types),
                 Err(why) => {
-                    rejected.push((staged, why));
+                    rejected.push((index, why));
                     continue;
                 }
             }
@@ -415,14 +481,13 @@ fn load_records(
                 flat,
                 key_values,
             }),
-            Err(why) => rejected.push((staged, why)),
+            Err(why) => rejected.push((index, why)),
         }
     }
-    let t_checks = started.elapsed();
-
+    let checks = started.elapsed();
     // Newest record per key wins within the chunk (see `Staged::supersedes`). Every key
     // belongs to one share of the chunk.
-    let shares = share_count(dialect, helpers.len(), accepted.len());
+    let shares = share_count(dialect, helpers, accepted.len());
     let mut share_of: Vec<usize> = Vec::with_capacity(accepted.len());
     let mut newest: FxHashMap<KeyOf<'_>, usize> = FxHashMap::default();
     newest.reserve(accepted.len());
@@ -503,11 +568,70 @@ fn load_records(
             rows.push(&mut catalog, paths, keys, child.row.cells, from);
         }
     }
+    Ok(PlacedChunk {
+        catalog,
+        pre_existing,
+        parts,
+        rejected,
+        accepted: accepted.len(),
+        checks,
+        placing: started.elapsed() - checks,
+    })
+}
+
+/// What writing a placed chunk needs besides its rows.
+struct WriteChunk<'a, 'c> {
+    ids: (i64, &'a str),
+    chunk: &'c [Staged],
+    /// Whether this transaction altered the root table.
+    upgraded: bool,
+    started: Instant,
+    /// Whether the chunk was placed ahead (for the log).
+    ahead: bool,
+    next_catalog: Option<&'a Sender<Catalog>>,
+}
+
+/// Makes a placed chunk's schema changes, then writes its shares (at once where helpers
+/// can), its rejections, its staging delete and its history row.
+fn write_placed(
+    conn: &mut Conn<'_>,
+    helpers: &mut [Conn<'_>],
+    writing: WriteChunk<'_, '_>,
+    placed: PlacedChunk,
+    helper_commits: &mut usize,
+) -> QueryResult<ChunkOutcome> {
+    let WriteChunk {
+        ids: (client_id, table),
+        chunk,
+        upgraded,
+        started,
+        ahead,
+        next_catalog,
+    } = writing;
+    let started_at = intake_core::timestamps::now();
+    let PlacedChunk {
+        mut catalog,
+        pre_existing,
+        parts,
+        rejected,
+        accepted,
+        checks,
+        placing,
+    } = placed;
+    let rejected: Vec<(&Staged, String)> = rejected
+        .into_iter()
+        .map(|(index, why)| (&chunk[index], why))
+        .collect();
     let t_place = started.elapsed();
+    let shares = parts.len();
     // Helpers cannot see (and would wait on) tables and columns this transaction creates.
     let parallel = parts.len() > 1 && catalog.ddl.is_empty() && !upgraded;
     catalog.apply_ddl(conn)?;
-
+    if let Some(next) = next_catalog {
+        // The next chunk is placed against this while this chunk is written. Not sent
+        // again: a receiver that is gone just means nobody reads ahead.
+        let _ = next.send(catalog.clone());
+    }
     let writing = Writing {
         catalog: &catalog,
         pre_existing: &pre_existing,
@@ -560,20 +684,19 @@ fn load_records(
         record_rejections(conn, client_id, table, &rejected)?;
         if let (Some(first), Some(last)) = (chunk.first(), chunk.last()) {
             queue::delete_range(conn, client_id, table, first.seq, last.seq)?;
-            history(conn, &[first.seq, last.seq], accepted.len(), rejected.len())?;
+            history(conn, &[first.seq, last.seq], accepted, rejected.len())?;
         }
     }
     log::debug!(
-        "chunk of {}: key checks {:?}, place {:?}, write {:?} ({} shares{})",
+        "chunk of {}: key checks {checks:?}, place {placing:?}{}, write {:?} ({} shares{})",
         chunk.len(),
-        t_checks,
-        t_place - t_checks,
+        if ahead { " (ahead)" } else { "" },
         started.elapsed() - t_place,
         shares,
         if parallel { ", in parallel" } else { "" },
     );
     Ok(ChunkOutcome {
-        loaded: accepted.len(),
+        loaded: accepted,
         rejected: rejected.len(),
     })
 }

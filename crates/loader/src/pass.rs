@@ -6,14 +6,17 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
 
 use diesel::QueryResult;
 use intake_core::db::{DbConn, DbPool};
 
+use crate::catalog::Catalog;
 use crate::catalog::ensure_namespace;
 use crate::dialect::Dialect;
 use crate::load_chunk::{
-    ChunkOutcome, ParsedChunk, load_chunk, parse_chunk, record_history, record_rejections,
+    ChunkOutcome, PlacedAhead, Prepared, load_chunk, parse_chunk, place_records, record_history,
+    record_rejections,
 };
 use crate::queue::{self, ChunkLimits, Staged};
 use crate::sql::{BoolRow, Conn, Param, in_transaction};
@@ -164,7 +167,7 @@ struct Ahead {
     from: i64,
     chunk: Vec<Staged>,
     more: bool,
-    parsed: ParsedChunk,
+    prepared: Prepared,
 }
 
 impl Ahead {
@@ -181,8 +184,31 @@ impl Ahead {
             from,
             chunk,
             more,
-            parsed,
+            prepared: Prepared::Parsed(parsed),
         })
+    }
+
+    /// Places the chunk's rows once the chunk being written sends its catalog (see
+    /// [`load_chunk`]), so that its transaction has only to write them. Left parsed if none
+    /// comes (the chunk had markers or failed) or this chunk has markers.
+    fn place(mut self, catalog: &Receiver<Catalog>, helpers: usize) -> QueryResult<Ahead> {
+        if self.chunk.iter().any(Staged::is_activation) {
+            return Ok(self);
+        }
+        let Ok(base) = catalog.recv() else {
+            return Ok(self);
+        };
+        if let Prepared::Parsed(parsed) = self.prepared {
+            let placed = place_records(
+                base.clone(),
+                &self.chunk,
+                &parsed.paths,
+                parsed.records,
+                helpers,
+            )?;
+            self.prepared = Prepared::Placed(Box::new(PlacedAhead { base, placed }));
+        }
+        Ok(self)
     }
 }
 
@@ -312,7 +338,7 @@ impl TableCursor<'_> {
         let Ahead {
             chunk,
             more,
-            parsed,
+            prepared,
             ..
         } = self.take_next(conn)?;
         log::debug!(
@@ -325,21 +351,25 @@ impl TableCursor<'_> {
             return Ok(Step::Done);
         };
         let next = last.saturating_add(1);
+        let writers = helpers.len();
         let (outcome, read_ahead) = std::thread::scope(|scope| {
+            let (catalog_out, catalog_in) = std::sync::mpsc::channel();
             let reading = match (more, reader) {
-                (true, Some(r)) => {
-                    Some(scope.spawn(move || Ahead::read(r, client_id, table, next, limits)))
-                }
+                (true, Some(r)) => Some(scope.spawn(move || {
+                    Ahead::read(r, client_id, table, next, limits)?.place(&catalog_in, writers)
+                })),
                 _ => None,
             };
+            // Only a chunk read ahead is placed ahead.
+            let catalog_out = reading.as_ref().map(|_| catalog_out);
             let outcome = load_chunk(
                 conn,
                 helpers,
-                client_id,
-                table,
+                (client_id, table),
                 &chunk,
-                parsed,
+                prepared,
                 &mut self.helper_commits,
+                catalog_out,
             );
             // A read-ahead that failed is not used; the next chunk is then read anew.
             let read_ahead = reading.and_then(|r| r.join().ok()).and_then(Result::ok);
@@ -405,8 +435,17 @@ fn load_split(
         if records.is_empty() {
             return Ok(Some(ChunkOutcome::default()));
         }
-        let parsed = parse_chunk(c, client_id, table, &records)?;
-        load_chunk(c, &mut [], client_id, table, &records, parsed, &mut 0).map(Some)
+        let parsed = Prepared::Parsed(parse_chunk(c, client_id, table, &records)?);
+        load_chunk(
+            c,
+            &mut [],
+            (client_id, table),
+            &records,
+            parsed,
+            &mut 0,
+            None,
+        )
+        .map(Some)
     });
     match attempt {
         Ok(Some(outcome)) => {
