@@ -273,8 +273,7 @@ pub fn load_chunk(
             let started = Instant::now();
             let catalog = Catalog::load(conn, client_id, table)?;
             upgraded = catalog.upgrade_root(conn)?;
-            let fits = placed.parts.len() <= helpers.len() + 1;
-            if !upgraded && fits && catalog.same_as(&base) {
+            if !upgraded && catalog.same_as(&base) {
                 let writing = WriteChunk {
                     ids: (client_id, table),
                     chunk,
@@ -704,13 +703,19 @@ fn write_placed(
 /// Records per share below which a chunk is not split: splitting costs statements.
 const MIN_SHARE_RECORDS: usize = 500;
 
-/// How many shares a chunk of `records` is written in: one per connection available
-/// (PostgreSQL), as long as each gets at least [`MIN_SHARE_RECORDS`].
+/// Shares per writing connection: the first share of each is its own, the others go to
+/// whichever connection is free first (see [`write_in_parallel`]).
+const SHARES_PER_WRITER: usize = 2;
+
+/// How many shares a chunk of `records` is written in: [`SHARES_PER_WRITER`] per connection
+/// available (PostgreSQL), as long as each gets at least [`MIN_SHARE_RECORDS`].
 fn share_count(dialect: Dialect, helpers: usize, records: usize) -> usize {
     if dialect != Dialect::Postgres {
         return 1;
     }
-    (helpers + 1).min(records / MIN_SHARE_RECORDS).max(1)
+    ((helpers + 1) * SHARES_PER_WRITER)
+        .min(records / MIN_SHARE_RECORDS)
+        .max(1)
 }
 
 /// The share a key belongs to: the same key, always the same share, so that its versions
@@ -845,30 +850,52 @@ fn write_share(
     Ok(())
 }
 
-/// Writes the shares at once: the first on `conn`, in the caller's transaction, and each
-/// other on a helper connection in a transaction of its own that `finish`es the share too
-/// (takes its records out of staging and notes them in the history), so that every share
-/// commits whole or not at all. Shares hold disjoint keys, so they never wait for one
-/// another. The helpers commit before this returns, within the caller's hold of the table's
-/// load lock; if any fails, so does the chunk, and the shares already committed are simply no
-/// longer staged (`helper_commits` grows by their records). The first share is finished by
-/// `finish_mine` in the caller's transaction as soon as it is written, while the helpers may
-/// still be writing theirs.
+/// Writes the shares at once: the caller's connection takes the first, in the caller's
+/// transaction, and each helper connection the next, in a transaction of its own; after that
+/// whichever connection is free takes the next share left, so that one that drew lighter
+/// shares (or more CPU) is not left idle while another still writes. Each connection then
+/// `finish`es what it wrote in its transaction (takes the records out of staging and notes
+/// them in the history), so that every connection's shares commit whole or not at all.
+/// Shares hold disjoint keys, so they never wait for one another. The helpers commit before
+/// this returns, within the caller's hold of the table's load lock; if any fails, so does the
+/// chunk, and the shares already committed are simply no longer staged (`helper_commits`
+/// grows by their records). The caller's connection finishes its shares with `finish_mine`
+/// as soon as no share is left, while the helpers may still be writing theirs.
 fn write_in_parallel(
     conn: &mut Conn<'_>,
     helpers: &mut [Conn<'_>],
     writing: &Writing<'_>,
-    mut shares: Vec<Share>,
+    shares: Vec<Share>,
     helper_commits: &mut usize,
     finish: impl Fn(&mut Conn<'_>, &[i64]) -> QueryResult<()> + Sync,
     finish_mine: impl FnOnce(&mut Conn<'_>, &[i64]) -> QueryResult<()>,
 ) -> QueryResult<()> {
-    debug_assert!(shares.len() <= helpers.len() + 1);
-    let others = shares.split_off(1);
-    let Some(mine) = shares.pop() else {
+    let connections = shares.len().min(helpers.len() + 1);
+    let mut shares = shares.into_iter();
+    let mut firsts: Vec<Share> = shares.by_ref().take(connections).collect();
+    let left = std::sync::Mutex::new(shares);
+    let next = || left.lock().ok().and_then(|mut left| left.next());
+    // Writes `first`, then shares left as long as there are any; the sequences written.
+    let write_shares = |c: &mut Conn<'_>, first: Share| -> QueryResult<Vec<i64>> {
+        let mut seqs = Vec::new();
+        let mut share = Some(first);
+        while let Some(Share {
+            root,
+            children,
+            seqs: mut written,
+        }) = share
+        {
+            write_share(c, writing, root, children)?;
+            seqs.append(&mut written);
+            share = next();
+        }
+        Ok(seqs)
+    };
+    let others = firsts.split_off(1.min(firsts.len()));
+    let Some(mine) = firsts.pop() else {
         return Ok(());
     };
-    let finish = &finish;
+    let (finish, write_shares) = (&finish, &write_shares);
     std::thread::scope(|scope| {
         let running: Vec<_> = others
             .into_iter()
@@ -877,15 +904,14 @@ fn write_in_parallel(
                 scope.spawn(move || {
                     in_transaction(helper, |c| {
                         helper_session(c)?;
-                        write_share(c, writing, share.root, share.children)?;
-                        finish(c, &share.seqs)?;
-                        Ok(share.seqs.len())
+                        let seqs = write_shares(c, share)?;
+                        finish(c, &seqs)?;
+                        Ok(seqs.len())
                     })
                 })
             })
             .collect();
-        let written = write_share(conn, writing, mine.root, mine.children)
-            .and_then(|()| finish_mine(conn, &mine.seqs));
+        let written = write_shares(conn, mine).and_then(|seqs| finish_mine(conn, &seqs));
         let joined: Vec<QueryResult<usize>> = running
             .into_iter()
             .map(|handle| {
