@@ -48,9 +48,10 @@ enum Scenario {
         /// Records to stage (about 20% are updates of earlier keys).
         #[arg(long, default_value_t = 200_000)]
         records: usize,
-        /// Records per loader chunk.
-        #[arg(long, default_value_t = 5000)]
-        chunk_size: usize,
+        /// Records per loader chunk; default: the loader's for the backend (10000 on
+        /// PostgreSQL, 5000 on SQLite).
+        #[arg(long)]
+        chunk_size: Option<usize>,
         /// PostgreSQL connections writing each chunk (loader.writers; SQLite has one).
         #[arg(long, default_value_t = 2)]
         writers: usize,
@@ -102,6 +103,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print_machine();
             for b in [Backend::Postgres, Backend::Sqlite] {
                 if backend == b || backend == Backend::Both {
+                    let chunk_size = chunk_size.unwrap_or(if b == Backend::Postgres {
+                        intake_core::settings::DEFAULT_CHUNK_SIZE_POSTGRES
+                    } else {
+                        intake_core::settings::DEFAULT_CHUNK_SIZE_SQLITE
+                    });
                     load_scenario(b, records, chunk_size, writers)?;
                 }
             }

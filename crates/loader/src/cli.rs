@@ -34,7 +34,8 @@ struct Cli {
 enum Command {
     /// Load everything pending once, then exit (non-zero if anything could not be loaded).
     Run {
-        /// Staged records per chunk (transaction); default from loader.chunk_size.
+        /// Staged records per chunk (transaction); default from loader.chunk_size, else
+        /// 10000 on PostgreSQL and 5000 on SQLite.
         #[arg(long)]
         chunk_size: Option<usize>,
     },
@@ -43,6 +44,7 @@ enum Command {
         /// Pause between passes, e.g. 30s, 5m, 1h; default from loader.interval_secs.
         #[arg(long, value_parser = parse_interval)]
         interval: Option<Duration>,
+        /// Staged records per chunk, as for `run`.
         #[arg(long)]
         chunk_size: Option<usize>,
     },
@@ -102,7 +104,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     match cli.command {
         Command::Run { chunk_size } => {
-            let report = one_pass(&pool, chunk_limits(&settings, chunk_size), &stop)?;
+            let limits = chunk_limits(&settings, chunk_size, pool.is_sqlite());
+            let report = one_pass(&pool, limits, &stop)?;
             Ok(exit_code(&report))
         }
         Command::Watch {
@@ -111,7 +114,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let interval =
                 interval.unwrap_or(Duration::from_secs(settings.loader.interval_secs.max(1)));
-            let limits = chunk_limits(&settings, chunk_size);
+            let limits = chunk_limits(&settings, chunk_size, pool.is_sqlite());
             log::info!("watching: a pass every {}s", interval.as_secs());
             while !stop.load(Ordering::Relaxed) {
                 match one_pass(&pool, limits, &stop) {
@@ -142,8 +145,8 @@ fn exit_code(report: &PassReport) -> ExitCode {
 }
 
 /// The chunk limits the settings give, with `--chunk-size` in place of `loader.chunk_size` if given.
-fn chunk_limits(settings: &Settings, chunk_size: Option<usize>) -> ChunkLimits {
-    let limits = ChunkLimits::from_settings(&settings.loader);
+fn chunk_limits(settings: &Settings, chunk_size: Option<usize>, sqlite: bool) -> ChunkLimits {
+    let limits = ChunkLimits::from_settings(&settings.loader, sqlite);
     ChunkLimits {
         records: chunk_size.map_or(limits.records, |n| n.max(1)),
         ..limits

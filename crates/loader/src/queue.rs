@@ -113,10 +113,14 @@ pub struct ChunkLimits {
 }
 
 impl ChunkLimits {
-    /// The limits `loader` sets (`chunk_size`, `chunk_max_bytes`, `writers`).
-    pub fn from_settings(loader: &intake_core::settings::LoaderSettings) -> ChunkLimits {
+    /// The limits `loader` sets (`chunk_size`, `chunk_max_bytes`, `writers`), for a
+    /// database that is SQLite or not (the default chunk size differs).
+    pub fn from_settings(
+        loader: &intake_core::settings::LoaderSettings,
+        sqlite: bool,
+    ) -> ChunkLimits {
         ChunkLimits {
-            records: loader.chunk_size.max(1),
+            records: loader.chunk_records(sqlite).max(1),
             bytes: loader.chunk_max_bytes,
             writers: loader.writers,
         }

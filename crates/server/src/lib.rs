@@ -94,7 +94,8 @@ pub fn serve(settings: Settings) -> anyhow::Result<()> {
         let loader_pool =
             DbPool::sized(&target, &settings.database, settings.loader.connections())?;
         let every = Duration::from_secs(settings.loader.embedded_interval_secs.max(1));
-        let limits = intake_loader::queue::ChunkLimits::from_settings(&settings.loader);
+        let limits =
+            intake_loader::queue::ChunkLimits::from_settings(&settings.loader, target.is_sqlite());
         intake_loader::embedded::spawn(loader_pool, every, limits)?;
         log::info!(
             "in-process loader: a pass every {}s (loader.embedded)",
