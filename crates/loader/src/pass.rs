@@ -11,8 +11,7 @@ use std::sync::mpsc::Receiver;
 use diesel::QueryResult;
 use intake_core::db::{DbConn, DbPool};
 
-use crate::catalog::Catalog;
-use crate::catalog::ensure_namespace;
+use crate::catalog::{Catalog, ensure_namespace};
 use crate::dialect::Dialect;
 use crate::load_chunk::{
     ChunkOutcome, PlacedAhead, Prepared, load_chunk, parse_chunk, place_records, record_history,
@@ -351,12 +350,12 @@ impl TableCursor<'_> {
             return Ok(Step::Done);
         };
         let next = last.saturating_add(1);
-        let writers = helpers.len();
+        let helper_count = helpers.len();
         let (outcome, read_ahead) = std::thread::scope(|scope| {
             let (catalog_out, catalog_in) = std::sync::mpsc::channel();
             let reading = match (more, reader) {
                 (true, Some(r)) => Some(scope.spawn(move || {
-                    Ahead::read(r, client_id, table, next, limits)?.place(&catalog_in, writers)
+                    Ahead::read(r, client_id, table, next, limits)?.place(&catalog_in, helper_count)
                 })),
                 _ => None,
             };
