@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Utc};
 use diesel::QueryResult;
-use diesel::prelude::*;
+use diesel::deserialize::{FromSql, QueryableByName};
+use diesel::row::NamedRow;
 use diesel::sql_types::{BigInt, Nullable, Text};
 
 use crate::dialect::Dialect;
@@ -61,22 +62,43 @@ struct PendingTable {
     table_name: String,
 }
 
-#[derive(QueryableByName)]
+/// A staged row as [`STAGED_COLUMNS`] select it.
 struct StagedRow {
-    #[diesel(sql_type = BigInt)]
     seq: i64,
-    #[diesel(sql_type = Moment)]
     received_at: DateTime<Utc>,
-    #[diesel(sql_type = Text)]
     record: String,
-    #[diesel(sql_type = Nullable<BigInt>)]
     client_seq: Option<i64>,
-    #[diesel(sql_type = Nullable<Text>)]
     key_names: Option<String>,
-    #[diesel(sql_type = Nullable<BigInt>)]
     table_version: Option<i64>,
-    #[diesel(sql_type = Nullable<Text>)]
     action: Option<String>,
+}
+
+/// The columns a chunk read selects, in the order [`StagedRow`] takes them.
+const STAGED_COLUMNS: &str =
+    "seq, received_at, record, client_seq, key_names, table_version, action";
+
+/// Reads the fields by position: the derived reader looks each one up by its name in every
+/// row, which was 6% of the loader's instructions (these are the rows it reads most).
+impl<DB> QueryableByName<DB> for StagedRow
+where
+    DB: diesel::backend::Backend,
+    i64: FromSql<BigInt, DB>,
+    DateTime<Utc>: FromSql<Moment, DB>,
+    String: FromSql<Text, DB>,
+    Option<i64>: FromSql<Nullable<BigInt>, DB>,
+    Option<String>: FromSql<Nullable<Text>, DB>,
+{
+    fn build<'a>(row: &impl NamedRow<'a, DB>) -> diesel::deserialize::Result<Self> {
+        Ok(StagedRow {
+            seq: row.get_value::<BigInt, _, _>(0)?,
+            received_at: row.get_value::<Moment, _, _>(1)?,
+            record: row.get_value::<Text, _, _>(2)?,
+            client_seq: row.get_value::<Nullable<BigInt>, _, _>(3)?,
+            key_names: row.get_value::<Nullable<Text>, _, _>(4)?,
+            table_version: row.get_value::<Nullable<BigInt>, _, _>(5)?,
+            action: row.get_value::<Nullable<Text>, _, _>(6)?,
+        })
+    }
 }
 
 /// Where a chunk ends, and how many records the count limit alone would have given.
@@ -202,12 +224,8 @@ fn read_chunk_where(
     else {
         return Ok((Vec::new(), 0));
     };
-    let rows: Vec<StagedRow> = conn.load(
-        &format!(
-            "SELECT seq, received_at, record, client_seq, key_names, table_version, action {filter}"
-        ),
-        params(last),
-    )?;
+    let rows: Vec<StagedRow> =
+        conn.load(&format!("SELECT {STAGED_COLUMNS} {filter}"), params(last))?;
     let available = usize::try_from(available).unwrap_or(0);
     let chunk = rows
         .into_iter()
