@@ -385,12 +385,15 @@ fn a_loader_killed_mid_chunk_loses_and_duplicates_nothing(backend: Backend) {
             runs <= 4 * LOADER_KILLS,
             "the loader kept finishing before it could be killed"
         );
+        // Small chunks and an early kill, so that the backlog outlasts ten kills however
+        // fast the loader has become (at 500 records and up to 400 ms it once drained after
+        // eight).
         let mut loader = LoaderProcess::spawn(
             &db,
             &format!("killed-{runs}"),
-            &["run", "--chunk-size", "500"],
+            &["run", "--chunk-size", "250"],
         );
-        std::thread::sleep(Duration::from_millis(rand::random_range(50..=400)));
+        std::thread::sleep(Duration::from_millis(rand::random_range(40..=250)));
         match loader.sigkill() {
             None => kills += 1,
             Some(out) => {
