@@ -2527,8 +2527,6 @@ fn a_chunk_holds_no_more_bytes_than_configured(backend: Backend) {
     assert_eq!(covered, 10, "every record in exactly one chunk: {chunks:?}");
 }
 
-/// 3,000 order records over 2,200 keys: later versions of 800 keys change their fields and
-/// grow, shrink or drop their arrays. Deterministic.
 /// Records whose schema grows as they arrive: every ten bring a new field, then a field
 /// with values of two types, an array, an array nested in its elements and a double where
 /// integers were; every fifth record is a new version of an earlier key.
@@ -2643,6 +2641,8 @@ fn load_in_chunks(db: &TestDb, records: usize) -> String {
     out.stderr
 }
 
+/// 3,000 order records over 2,200 keys: later versions of 800 keys change their fields and
+/// grow, shrink or drop their arrays. Deterministic.
 fn many_versions() -> Vec<Value> {
     (0..3000i64)
         .map(|i| {
