@@ -103,10 +103,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print_machine();
             for b in [Backend::Postgres, Backend::Sqlite] {
                 if backend == b || backend == Backend::Both {
-                    let chunk_size = chunk_size.unwrap_or(if b == Backend::Postgres {
-                        intake_core::settings::DEFAULT_CHUNK_SIZE_POSTGRES
-                    } else {
-                        intake_core::settings::DEFAULT_CHUNK_SIZE_SQLITE
+                    let chunk_size = chunk_size.unwrap_or_else(|| {
+                        intake_core::settings::default_chunk_size(b == Backend::Sqlite)
                     });
                     load_scenario(b, records, chunk_size, writers)?;
                 }

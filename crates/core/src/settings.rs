@@ -106,22 +106,19 @@ pub struct LoaderSettings {
     pub writers: usize,
 }
 
-/// Chunk size when `loader.chunk_size` is unset, on PostgreSQL: its writers send a few
-/// statements per share, so larger chunks cost fewer statements per record (10,000 loaded
-/// 13% faster than 5,000 in six runs in turns; see docs/benchmarks.md).
-pub const DEFAULT_CHUNK_SIZE_POSTGRES: usize = 10_000;
-/// Chunk size when `loader.chunk_size` is unset, on SQLite: a chunk holds SQLite's one write
-/// lock, which pushes wait for, and 10,000 bought only 5% there.
-pub const DEFAULT_CHUNK_SIZE_SQLITE: usize = 5_000;
+/// Staged records per chunk when `loader.chunk_size` is unset. PostgreSQL: 10,000, as its
+/// writers send a few statements per share and larger chunks cost fewer per record (13%
+/// faster than 5,000 in six runs in turns; see docs/benchmarks.md). SQLite: 5,000, as a
+/// chunk holds its one write lock, which pushes wait for, and 10,000 bought only 5% there.
+pub fn default_chunk_size(sqlite: bool) -> usize {
+    if sqlite { 5_000 } else { 10_000 }
+}
 
 impl LoaderSettings {
     /// Staged records per chunk: `chunk_size` if set, else the backend's default.
     pub fn chunk_records(&self, sqlite: bool) -> usize {
-        self.chunk_size.unwrap_or(if sqlite {
-            DEFAULT_CHUNK_SIZE_SQLITE
-        } else {
-            DEFAULT_CHUNK_SIZE_POSTGRES
-        })
+        self.chunk_size
+            .unwrap_or_else(|| default_chunk_size(sqlite))
     }
 
     /// Database connections a loader uses at once: one per writer, and one reading ahead.
@@ -236,23 +233,32 @@ mod tests {
         assert_eq!(settings.rate_limit.burst, 100);
     }
 
+    /// The built-in defaults with `overrides` (as text, the way environment variables give
+    /// them), parsed and validated.
+    fn with(overrides: &[(&str, &str)]) -> anyhow::Result<Settings> {
+        let mut builder =
+            Config::builder().add_source(File::from_str(BUILT_IN_DEFAULTS, FileFormat::Toml));
+        for (key, value) in overrides {
+            builder = builder.set_override(*key, *value)?;
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
     #[test]
     fn rate_limits_must_be_positive() {
-        let with = |rate: &str, burst: &str| {
-            Config::builder()
-                .add_source(File::from_str(BUILT_IN_DEFAULTS, FileFormat::Toml))
-                .set_override("rate_limit.requests_per_sec", rate)
-                .and_then(|b| b.set_override("rate_limit.burst", burst))
-                .and_then(|b| b.build())
-                .and_then(|c| c.try_deserialize::<Settings>())
-                .map_err(anyhow::Error::from)
-                .and_then(|s| s.validate().map(|()| s))
+        let limits = |rate: &str, burst: &str| {
+            with(&[
+                ("rate_limit.requests_per_sec", rate),
+                ("rate_limit.burst", burst),
+            ])
         };
         // An integer rate, as an environment variable would give it, is accepted.
-        let ok = with("2", "3").expect("valid limits");
+        let ok = limits("2", "3").expect("valid limits");
         assert_eq!(ok.rate_limit.requests_per_sec, 2.0);
         assert_eq!(ok.rate_limit.burst, 3);
-        assert!(with("0.5", "1").is_ok());
+        assert!(limits("0.5", "1").is_ok());
         for (rate, burst) in [
             ("0", "3"),
             ("-1", "3"),
@@ -260,59 +266,37 @@ mod tests {
             ("inf", "3"),
             ("2", "0"),
         ] {
-            assert!(with(rate, burst).is_err(), "rate {rate}, burst {burst}");
+            assert!(limits(rate, burst).is_err(), "rate {rate}, burst {burst}");
         }
     }
 
     #[test]
     fn loader_writers_and_the_checkout_timeout_are_bounded() {
-        let with = |key: &str, value: &str| {
-            Config::builder()
-                .add_source(File::from_str(BUILT_IN_DEFAULTS, FileFormat::Toml))
-                .set_override(key, value)
-                .and_then(|b| b.build())
-                .and_then(|c| c.try_deserialize::<Settings>())
-                .map_err(anyhow::Error::from)
-                .and_then(|s| s.validate())
-                .map_err(|e| e.to_string())
-        };
-        assert_eq!(with("loader.writers", "1"), Ok(()));
-        assert_eq!(with("loader.writers", "16"), Ok(()));
+        let one =
+            |key: &str, value: &str| with(&[(key, value)]).map(|_| ()).map_err(|e| e.to_string());
+        assert_eq!(one("loader.writers", "1"), Ok(()));
+        assert_eq!(one("loader.writers", "16"), Ok(()));
         for bad in ["0", "17"] {
-            let refused = with("loader.writers", bad).expect_err(bad);
+            let refused = one("loader.writers", bad).expect_err(bad);
             assert!(refused.contains("loader.writers"), "{refused}");
         }
-        assert_eq!(with("database.checkout_timeout_ms", "500"), Ok(()));
-        let refused = with("database.checkout_timeout_ms", "300").expect_err("300 ms");
+        assert_eq!(one("database.checkout_timeout_ms", "500"), Ok(()));
+        let refused = one("database.checkout_timeout_ms", "300").expect_err("300 ms");
         assert!(refused.contains("checkout_timeout_ms"), "{refused}");
     }
 
     #[test]
     fn the_chunk_size_defaults_by_backend_unless_set() {
-        let loader = |chunk_size: Option<&str>| {
-            let mut builder =
-                Config::builder().add_source(File::from_str(BUILT_IN_DEFAULTS, FileFormat::Toml));
-            if let Some(n) = chunk_size {
-                builder = builder
-                    .set_override("loader.chunk_size", n)
-                    .expect("override");
-            }
-            let settings: Settings = builder
-                .build()
-                .and_then(|c| c.try_deserialize())
-                .expect("settings parse");
-            settings.validate().map(|()| settings.loader)
-        };
-        let unset = loader(None).expect("valid");
+        let unset = with(&[]).expect("valid").loader;
         assert_eq!(unset.chunk_records(false), 10_000);
         assert_eq!(unset.chunk_records(true), 5_000);
         // As an environment variable gives it: text.
-        let set = loader(Some("250")).expect("valid");
+        let set = with(&[("loader.chunk_size", "250")]).expect("valid").loader;
         assert_eq!(
             (set.chunk_records(false), set.chunk_records(true)),
             (250, 250)
         );
-        let refused = loader(Some("0")).expect_err("a chunk of 0");
+        let refused = with(&[("loader.chunk_size", "0")]).expect_err("a chunk of 0");
         assert!(
             refused.to_string().contains("loader.chunk_size"),
             "{refused}"

@@ -271,8 +271,8 @@ pub fn load_chunk(
         Prepared::Placed(ahead) => {
             let PlacedAhead { base, placed } = *ahead;
             let started = Instant::now();
-            let catalog = Catalog::load(conn, client_id, table)?;
-            upgraded = catalog.upgrade_root(conn)?;
+            let (catalog, altered) = current_catalog(conn, client_id, table)?;
+            upgraded = altered;
             if !upgraded && catalog.same_as(&base) {
                 let writing = WriteChunk {
                     ids: (client_id, table),
@@ -312,8 +312,8 @@ pub fn load_chunk(
         let (records, after) = rest.split_at(split.unwrap_or(rest.len()));
         let parsed: Vec<Parsed> = flat.by_ref().take(records.len()).collect();
         let started = Instant::now();
-        let catalog = Catalog::load(conn, client_id, table)?;
-        upgraded |= catalog.upgrade_root(conn)?;
+        let (catalog, altered) = current_catalog(conn, client_id, table)?;
+        upgraded |= altered;
         let placed = place_records(catalog, records, &paths, parsed, helpers.len())?;
         let writing = WriteChunk {
             ids: (client_id, table),
@@ -329,6 +329,18 @@ pub fn load_chunk(
         rest = after;
     }
     Ok(outcome)
+}
+
+/// The table family's catalog as this transaction sees it, with the root table given the
+/// Stitch system columns if it lacked them; and whether that altered the table.
+fn current_catalog(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+) -> QueryResult<(Catalog, bool)> {
+    let catalog = Catalog::load(conn, client_id, table)?;
+    let altered = catalog.upgrade_root(conn)?;
+    Ok((catalog, altered))
 }
 
 /// Applies an activate_version marker: rows of the table whose version is older than the
@@ -870,9 +882,11 @@ fn write_in_parallel(
     finish: impl Fn(&mut Conn<'_>, &[i64]) -> QueryResult<()> + Sync,
     finish_mine: impl FnOnce(&mut Conn<'_>, &[i64]) -> QueryResult<()>,
 ) -> QueryResult<()> {
-    let connections = shares.len().min(helpers.len() + 1);
     let mut shares = shares.into_iter();
-    let mut firsts: Vec<Share> = shares.by_ref().take(connections).collect();
+    let Some(mine) = shares.next() else {
+        return Ok(());
+    };
+    let others: Vec<Share> = shares.by_ref().take(helpers.len()).collect();
     let left = std::sync::Mutex::new(shares);
     let next = || left.lock().ok().and_then(|mut left| left.next());
     // Writes `first`, then shares left as long as there are any; the sequences written.
@@ -890,10 +904,6 @@ fn write_in_parallel(
             share = next();
         }
         Ok(seqs)
-    };
-    let others = firsts.split_off(1.min(firsts.len()));
-    let Some(mine) = firsts.pop() else {
-        return Ok(());
     };
     let (finish, write_shares) = (&finish, &write_shares);
     std::thread::scope(|scope| {
