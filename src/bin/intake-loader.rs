@@ -28,7 +28,7 @@ const MMAP_THRESHOLD: std::ffi::c_int = 32 << 20;
 /// system after a second and glibc (under libpq) as soon as its heap top holds 128 KiB, so the
 /// next chunk faults fresh, zeroed pages in. For 200,000 records that was about 50,000 page
 /// faults and 15% of the loader's CPU in the kernel zeroing pages; with these settings about
-/// 5,700 faults and 15–18% less loader CPU (docs/benchmarks.md). Settings given in the
+/// 5,700 faults and 8–10% less loader CPU (docs/benchmarks.md). Settings given in the
 /// environment (`MIMALLOC_PURGE_DELAY`, `GLIBC_TUNABLES`) are left alone.
 #[allow(unsafe_code)]
 fn keep_freed_memory_for_reuse() {
