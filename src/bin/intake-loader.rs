@@ -26,19 +26,27 @@ const MMAP_THRESHOLD: std::ffi::c_int = 32 << 20;
 
 /// Each chunk frees the memory of the one before it: by default mimalloc returns it to the
 /// system after a second and glibc (under libpq) as soon as its heap top holds 128 KiB, so the
-/// next chunk faults fresh, zeroed pages in. For 200,000 records that was about 50,000 page
-/// faults and 15% of the loader's CPU in the kernel zeroing pages; with these settings about
-/// 5,700 faults and 8–10% less loader CPU (docs/benchmarks.md). Settings given in the
-/// environment (`MIMALLOC_PURGE_DELAY`, `GLIBC_TUNABLES`) are left alone.
+/// next chunk faults fresh, zeroed pages in, and mimalloc asks for transparent huge pages, each
+/// zeroed whole (2 MiB) when first touched. The kernel zeroing pages was 13–15% of the
+/// loader's samples (`perf record`); with these settings the loader's CPU per record is about
+/// 8% lower (docs/benchmarks.md). Settings given in the environment (`MIMALLOC_PURGE_DELAY`,
+/// `MIMALLOC_ALLOW_THP`, `GLIBC_TUNABLES`) are left alone.
 #[allow(unsafe_code)]
 fn keep_freed_memory_for_reuse() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+    let unset = |name: &str| std::env::var_os(name).is_none();
+    if unset("MIMALLOC_PURGE_DELAY") {
         // SAFETY: sets one option value before any other thread exists (the binding notes
         // the setter is not thread safe); mimalloc reads it when it next schedules a purge.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
     }
+    #[cfg(target_os = "linux")]
+    if unset("MIMALLOC_ALLOW_THP") {
+        // SAFETY: prctl with PR_SET_THP_DISABLE only sets a flag of this process (what
+        // mimalloc itself does for MIMALLOC_ALLOW_THP=0); a failure leaves huge pages on.
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("GLIBC_TUNABLES").is_none() {
+    if unset("GLIBC_TUNABLES") {
         // SAFETY: mallopt only changes malloc's parameters; called before any other thread
         // exists. Its result (0 for a value it refuses) leaves the default, which still works.
         unsafe {
