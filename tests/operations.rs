@@ -1,6 +1,7 @@
 //! What an operator relies on: keys never reach the logs while every request does, a dead
-//! database gives fast 503s instead of hangs, and concurrent pushes to one table get distinct,
-//! consecutive sequence numbers. Each test runs on SQLite and on PostgreSQL.
+//! database gives fast 503s instead of hangs, concurrent pushes to one table get distinct,
+//! consecutive sequence numbers, and the loader's memory settings yield to the environment.
+//! Each test runs on SQLite and on PostgreSQL.
 
 mod support;
 
@@ -9,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{
-    Backend, Reply, Server, TestDb, both_backends, issue_key, secret_of, staged_rows, unknown_key,
+    Backend, LoaderProcess, Reply, Server, TestDb, both_backends, issue_key, poll, secret_of,
+    staged_rows, unknown_key,
 };
 
 both_backends!(
@@ -17,6 +19,7 @@ both_backends!(
     an_unreachable_database_answers_503_quickly,
     one_key_used_concurrently_gets_fast_503s_while_the_database_is_down,
     concurrent_pushes_get_distinct_consecutive_seqs,
+    the_loader_opts_out_of_huge_pages_unless_its_environment_says_otherwise,
 );
 
 const CLIENT: i64 = 11;
@@ -331,4 +334,47 @@ fn concurrent_pushes_get_distinct_consecutive_seqs(backend: Backend) {
             );
         }
     }
+}
+
+/// `intake-loader` opts out of transparent huge pages, which the kernel zeroes 2 MiB at a time
+/// when first touched (docs/configuration.md), unless its environment sets mimalloc's own
+/// `MIMALLOC_ALLOW_THP`: then the process keeps what it was started with.
+fn the_loader_opts_out_of_huge_pages_unless_its_environment_says_otherwise(backend: Backend) {
+    let db = TestDb::new(backend);
+    let _server = Server::start(&db, &[]);
+    let thp_enabled_of = |name: &str, env: &[(&str, &str)]| {
+        let watcher = LoaderProcess::spawn_with_env(&db, name, &["watch"], env);
+        poll(
+            "the loader to start watching",
+            Duration::from_secs(10),
+            || {
+                let log = watcher.stderr();
+                if log.contains("watching") {
+                    Ok(())
+                } else {
+                    Err(log)
+                }
+            },
+        );
+        let flag = thp_enabled(watcher.id());
+        watcher.terminate();
+        flag
+    };
+    assert_eq!(thp_enabled_of("default", &[]), 0);
+    let inherited = thp_enabled(std::process::id());
+    assert_eq!(
+        thp_enabled_of("told", &[("MIMALLOC_ALLOW_THP", "1")]),
+        inherited
+    );
+}
+
+/// The `THP_enabled` field of a process's `/proc/<pid>/status` (Linux 5.0 and later).
+fn thp_enabled(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no THP_enabled in /proc/{pid}/status:\n{status}"))
 }

@@ -777,11 +777,22 @@ pub struct LoaderProcess {
 impl LoaderProcess {
     /// Starts `intake-loader` with `args` against `db`; `name` tells its output files apart.
     pub fn spawn(db: &TestDb, name: &str, args: &[&str]) -> LoaderProcess {
+        LoaderProcess::spawn_with_env(db, name, args, &[])
+    }
+
+    /// [`LoaderProcess::spawn`] with `env` added to its environment.
+    pub fn spawn_with_env(
+        db: &TestDb,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> LoaderProcess {
         let stdout = db.dir().join(format!("{name}.stdout"));
         let stderr = db.dir().join(format!("{name}.stderr"));
         let file = |path: &Path| std::fs::File::create(path).expect("creating an output file");
         let child = base_command(env!("CARGO_BIN_EXE_intake-loader"), db)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file(&stdout))
             .stderr(file(&stderr))
@@ -808,7 +819,7 @@ impl LoaderProcess {
         self.signal("TERM");
     }
 
-    /// Sends a signal by name (`TERM`, `INT`) through `kill`: this crate forbids unsafe code.
+    /// Sends a signal by name (`TERM`, `INT`) through `kill`: tests use no unsafe code.
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .arg(format!("-{name}"))
