@@ -12,7 +12,9 @@ mod support;
 use intake_core::db::{DatabaseTarget, DbPool};
 use intake_core::settings::DatabaseSettings;
 use intake_loader::catalog::Catalog;
-use intake_loader::load_chunk::{PlacedAhead, Prepared, load_chunk, parse_chunk, place_records};
+use intake_loader::load_chunk::{
+    ChunkOptions, PlacedAhead, Prepared, load_chunk, parse_chunk, place_records,
+};
 use intake_loader::pass::conn_of;
 use intake_loader::queue::{ChunkLimits, read_chunk};
 use intake_loader::sql::{Conn, in_transaction};
@@ -154,7 +156,15 @@ fn load_one_chunk(
                 (chunk, Prepared::Parsed(parsed))
             }
         };
-        let outcome = load_chunk(c, &mut [], (CLIENT, table), &chunk, prepared, &mut 0, None)?;
+        let outcome = load_chunk(
+            c,
+            &mut [],
+            (CLIENT, table),
+            &chunk,
+            prepared,
+            &mut 0,
+            ChunkOptions::default(),
+        )?;
         Ok((outcome, chunk.len()))
     });
     let (outcome, records) = outcome.unwrap_or_else(|e| panic!("loading {table}: {e}"));

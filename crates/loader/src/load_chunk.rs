@@ -22,7 +22,7 @@ use crate::identifiers::quote;
 use crate::paths::{ArrayId, PathId, Paths, ROOT};
 use crate::queue::{self, Staged};
 use crate::schema_types::SchemaTypes;
-use crate::sql::{Conn, Param, in_transaction};
+use crate::sql::{Conn, I64Row, Param, in_transaction};
 use crate::value_types::{Cell, ColType};
 
 /// What one chunk did.
@@ -197,6 +197,40 @@ impl TableRows {
         self.stitch.push(from.stitch);
     }
 
+    /// Splits the rows in two: those `marks` (one per row) picks, and the others.
+    fn split(mut self, marks: &[bool]) -> (TableRows, TableRows) {
+        /// Moves the marked values out, in order; the others stay where they are.
+        fn take<T>(values: &mut Vec<T>, marks: &[bool]) -> Vec<T> {
+            let mut row = 0;
+            values
+                .extract_if(.., |_| {
+                    row += 1;
+                    marks.get(row - 1).copied().unwrap_or(false)
+                })
+                .collect()
+        }
+        let rows = self.len();
+        let mut picked = TableRows {
+            table_key: self.table_key.clone(),
+            columns: self.columns.clone(),
+            index: self.index.clone(),
+            expected: self.expected,
+            ..TableRows::default()
+        };
+        for column in &mut self.data {
+            column.resize(rows, Val::Null);
+            picked.data.push(take(column, marks));
+        }
+        for column in &mut self.keys {
+            picked.keys.push(take(column, marks));
+        }
+        picked.overflow = take(&mut self.overflow, marks);
+        picked.seqs = take(&mut self.seqs, marks);
+        picked.received = take(&mut self.received, marks);
+        picked.stitch = take(&mut self.stitch, marks);
+        (picked, self)
+    }
+
     /// Keeps only the rows whose sequence `keep` accepts.
     fn retain(&mut self, keep: impl Fn(i64) -> bool) {
         let marks: Vec<bool> = self.seqs.iter().map(|s| keep(*s)).collect();
@@ -245,6 +279,20 @@ pub struct PlacedAhead {
     pub placed: PlacedChunk,
 }
 
+/// How [`load_chunk`] runs besides its records.
+#[derive(Debug, Default)]
+pub struct ChunkOptions {
+    /// Receives the catalog as the chunk leaves it as soon as its schema changes are made, so
+    /// that the next chunk can be placed while this one is written (not sent for a chunk with
+    /// markers).
+    pub next_catalog: Option<Sender<Catalog>>,
+    /// The chunk failed before and is loaded again ([`crate::pass`]'s salvage): child rows
+    /// are deleted for every root key written, also for keys not stored yet, whose child rows
+    /// may have outlived a root row deleted by hand. A normal pass trusts that a key not
+    /// stored has none, and a chunk that meets such rows fails into the salvage.
+    pub salvaging: bool,
+}
+
 /// Loads `chunk` (in sequence order) for one table. Runs in the caller's transaction;
 /// `helpers` (idle connections, PostgreSQL) may each write a share of a large chunk in a
 /// transaction of their own (see [`write_in_parallel`]).
@@ -252,9 +300,7 @@ pub struct PlacedAhead {
 /// table's older versions are removed, then the records after it are loaded.
 /// `prepared` holds the chunk parsed (or placed) in order. `helper_commits` grows by the
 /// records whose shares helpers committed: they stay loaded if the chunk then fails.
-/// `next_catalog`, if given, receives the catalog as this chunk leaves it as soon as its
-/// schema changes are made, so that the next chunk can be placed while this one is written
-/// (not sent for a chunk with markers).
+/// `options` says where to send the catalog for the next chunk and whether this is a salvage.
 pub fn load_chunk(
     conn: &mut Conn<'_>,
     helpers: &mut [Conn<'_>],
@@ -262,8 +308,12 @@ pub fn load_chunk(
     chunk: &[Staged],
     prepared: Prepared,
     helper_commits: &mut usize,
-    next_catalog: Option<Sender<Catalog>>,
+    options: ChunkOptions,
 ) -> QueryResult<ChunkOutcome> {
+    let ChunkOptions {
+        next_catalog,
+        salvaging,
+    } = options;
     // Whether this transaction altered the root table (helpers would wait on it).
     let mut upgraded = false;
     let parsed = match prepared {
@@ -281,6 +331,7 @@ pub fn load_chunk(
                     started,
                     ahead: true,
                     next_catalog: next_catalog.as_ref(),
+                    salvaging,
                 };
                 return write_placed(conn, helpers, writing, placed, helper_commits);
             }
@@ -322,6 +373,7 @@ pub fn load_chunk(
             started,
             ahead: false,
             next_catalog: next_catalog.as_ref(),
+            salvaging,
         };
         let done = write_placed(conn, helpers, writing, placed, helper_commits)?;
         outcome.loaded += done.loaded;
@@ -600,6 +652,8 @@ struct WriteChunk<'a, 'c> {
     /// Whether the chunk was placed ahead (for the log).
     ahead: bool,
     next_catalog: Option<&'a Sender<Catalog>>,
+    /// See [`ChunkOptions::salvaging`].
+    salvaging: bool,
 }
 
 /// Makes a placed chunk's schema changes, then writes its shares (at once where helpers
@@ -618,6 +672,7 @@ fn write_placed(
         started,
         ahead,
         next_catalog,
+        salvaging,
     } = writing;
     let started_at = intake_core::timestamps::now();
     let PlacedChunk {
@@ -647,6 +702,7 @@ fn write_placed(
         catalog: &catalog,
         pre_existing: &pre_existing,
         loaded_at: Val::Time(intake_core::timestamps::now()),
+        salvaging,
     };
     let history = |conn: &mut Conn<'_>, seqs: &[i64], loaded: usize, rejected: usize| {
         let (first, last) = (seqs.iter().min(), seqs.iter().max());
@@ -786,12 +842,16 @@ struct Writing<'a> {
     /// Tables (by array path) that existed before this chunk: only they can hold old rows.
     pre_existing: &'a [String],
     loaded_at: Val,
+    /// See [`ChunkOptions::salvaging`].
+    salvaging: bool,
 }
 
-/// Writes one share: upserts its root rows (an older record never overwrites a newer one),
-/// removes the old child rows of the roots that were written, in every child table of the
-/// family, and inserts the new ones. The old child rows go also where the root row is new:
-/// child rows left without their root (deleted by hand, say) must not block the new version.
+/// Writes one share: writes its root rows, removes the old child rows of the roots that
+/// replaced stored ones, in every child table of the family, and inserts the new child rows.
+/// A stored row is replaced only by a newer record. On PostgreSQL the share's keys are looked
+/// up first, and rows whose key is not stored are inserted without `ON CONFLICT` (its
+/// speculative insertion costs more than the lookup) and have no old child rows to remove,
+/// unless the chunk is salvaged (see [`ChunkOptions::salvaging`]).
 fn write_share(
     conn: &mut Conn<'_>,
     writing: &Writing<'_>,
@@ -804,53 +864,88 @@ fn write_share(
     };
     let started = Instant::now();
     let roots = root_rows.len();
-    let row_of: FxHashMap<i64, usize> = root_rows
+    let planning = index_lookups_only(conn, true)?;
+    let (stored_rows, new_rows) = split_by_stored_key(conn, writing, root, root_rows)?;
+    let mut written = new_rows.seqs.clone();
+    // Keys whose old child rows go, by key column as the deletes bind them.
+    let mut replaced: Vec<Vec<Val>> = if writing.salvaging {
+        new_rows.keys.clone()
+    } else {
+        Vec::new()
+    };
+    write_table(
+        conn,
+        catalog,
+        root,
+        new_rows,
+        &writing.loaded_at,
+        RowWrite::RootInsert,
+    )?;
+    let row_of: FxHashMap<i64, usize> = stored_rows
         .seqs
         .iter()
         .enumerate()
         .map(|(row, seq)| (*seq, row))
         .collect();
     // The key columns outlive the write, which takes the rows.
-    let root_keys = root_rows.keys.clone();
-    let winners = write_table(conn, catalog, root, root_rows, &writing.loaded_at, true)?;
+    let stored_keys = stored_rows.keys.clone();
+    let winners = write_table(
+        conn,
+        catalog,
+        root,
+        stored_rows,
+        &writing.loaded_at,
+        RowWrite::RootUpsert,
+    )?;
     let t_root = started.elapsed();
     let winner_rows: Vec<usize> = winners
         .iter()
         .filter_map(|s| row_of.get(s).copied())
         .collect();
-    // By key column, as the deletes bind them; each row is a winner once.
-    let winner_keys: Vec<Vec<Val>> = root_keys
-        .into_iter()
-        .map(|mut column| {
-            winner_rows
-                .iter()
-                .map(|&row| std::mem::replace(&mut column[row], Val::Null))
-                .collect()
-        })
-        .collect();
+    // Each row is a winner once.
+    let winner_keys = stored_keys.into_iter().map(|mut column| {
+        winner_rows
+            .iter()
+            .map(|&row| std::mem::replace(&mut column[row], Val::Null))
+            .collect::<Vec<Val>>()
+    });
+    if replaced.is_empty() {
+        replaced = winner_keys.collect();
+    } else {
+        for (column, mut more) in replaced.iter_mut().zip(winner_keys) {
+            column.append(&mut more);
+        }
+    }
+    written.extend(winners);
     let child_tables: Vec<&TableInfo> = writing
         .pre_existing
         .iter()
         .filter(|k| *k != EMPTY_PATH)
         .filter_map(|k| catalog.tables.get(k))
         .collect();
-    if !winner_rows.is_empty() && !child_tables.is_empty() {
-        let planning = index_lookups_only(conn, true)?;
+    if replaced.first().is_some_and(|keys| !keys.is_empty()) {
         for info in child_tables {
-            delete_children(conn, catalog, root, info, &winner_keys)?;
-        }
-        if planning {
-            index_lookups_only(conn, false)?;
+            delete_children(conn, catalog, root, info, &replaced)?;
         }
     }
+    if planning {
+        index_lookups_only(conn, false)?;
+    }
     let t_deletes = started.elapsed();
-    let winners: FxHashSet<i64> = winners.into_iter().collect();
+    let written: FxHashSet<i64> = written.into_iter().collect();
     for mut rows in children.into_values() {
         let Some(info) = catalog.tables.get(&rows.table_key) else {
             continue;
         };
-        rows.retain(|seq| winners.contains(&seq));
-        write_table(conn, catalog, info, rows, &writing.loaded_at, false)?;
+        rows.retain(|seq| written.contains(&seq));
+        write_table(
+            conn,
+            catalog,
+            info,
+            rows,
+            &writing.loaded_at,
+            RowWrite::ChildInsert,
+        )?;
     }
     log::debug!(
         "share of {} roots: root {:?}, child deletes {:?}, child inserts {:?}",
@@ -860,6 +955,57 @@ fn write_share(
         started.elapsed() - t_deletes
     );
     Ok(())
+}
+
+/// Splits a share's root rows into those whose key the root table holds already and the
+/// others, on PostgreSQL (see [`write_share`]); SQLite's upsert costs no more than an insert,
+/// so there every row counts as stored. One statement looks up all the share's keys through
+/// the primary key's index.
+fn split_by_stored_key(
+    conn: &mut Conn<'_>,
+    writing: &Writing<'_>,
+    root: &TableInfo,
+    rows: TableRows,
+) -> QueryResult<(TableRows, TableRows)> {
+    let d = writing.catalog.dialect;
+    if d != Dialect::Postgres || rows.len() == 0 {
+        return Ok((rows, TableRows::default()));
+    }
+    if !writing.pre_existing.iter().any(|k| k == EMPTY_PATH) {
+        // Created by this chunk, whose shares hold other keys.
+        return Ok((TableRows::default(), rows));
+    }
+    let mut params = Vec::new();
+    let (mut arrays, mut names, mut matches) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (column, t)) in root.key_columns.iter().enumerate() {
+        arrays.push(format!("${}::{}[]", i + 1, d.sql_type(*t)));
+        names.push(format!("k{i}"));
+        matches.push(format!("r.{} = u.k{i}", quote(column)));
+        let values = rows.keys.get(i).cloned().unwrap_or_default();
+        params.push(crate::bulk::column_param(values, *t));
+    }
+    let found: Vec<I64Row> = conn.load(
+        &format!(
+            "SELECT u.pos AS v FROM unnest({}) WITH ORDINALITY AS u({}, pos) \
+             WHERE EXISTS (SELECT 1 FROM {} AS r WHERE {})",
+            arrays.join(", "),
+            names.join(", "),
+            d.table_ref(writing.catalog.client_id, &root.name),
+            matches.join(" AND ")
+        ),
+        params,
+    )?;
+    let mut stored = vec![false; rows.len()];
+    for row in found {
+        // Positions count from 1.
+        if let Some(mark) = usize::try_from(row.v - 1)
+            .ok()
+            .and_then(|i| stored.get_mut(i))
+        {
+            *mark = true;
+        }
+    }
+    Ok(rows.split(&stored))
 }
 
 /// Writes the shares at once: the caller's connection takes the first, in the caller's
@@ -1104,14 +1250,27 @@ fn column_types(info: &TableInfo) -> FxHashMap<&str, ColType> {
 
 /// Writes a table's rows; for the root, as an upsert that keeps the newest sequence, returning
 /// the sequences of the rows actually written.
+/// How [`write_table`] writes rows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RowWrite {
+    /// Child rows: inserted.
+    ChildInsert,
+    /// Root rows whose key is not stored: inserted.
+    RootInsert,
+    /// Root rows whose key may be stored: upserted; returns the sequences written.
+    RootUpsert,
+}
+
 fn write_table(
     conn: &mut Conn<'_>,
     catalog: &Catalog,
     info: &TableInfo,
     rows: TableRows,
     loaded_at: &Val,
-    upsert: bool,
+    how: RowWrite,
 ) -> QueryResult<Vec<i64>> {
+    let upsert = how == RowWrite::RootUpsert;
+    let root = how != RowWrite::ChildInsert;
     let count = rows.len();
     if count == 0 {
         return Ok(Vec::new());
@@ -1138,7 +1297,7 @@ fn write_table(
     }
     columns.push((SEQ_COLUMN.to_owned(), ColType::BigInt));
     columns.push((RECEIVED_COLUMN.to_owned(), ColType::Timestamp));
-    if upsert {
+    if root {
         columns.push((CLIENT_SEQ_COLUMN.to_owned(), ColType::BigInt));
         columns.push((VERSION_COLUMN.to_owned(), ColType::BigInt));
     }
@@ -1158,7 +1317,7 @@ fn write_table(
     }
     values.push(seqs.into_iter().map(Val::Int).collect());
     values.push(received);
-    if upsert {
+    if root {
         let (client_seqs, versions) = stitch
             .into_iter()
             .map(|s| match s {

@@ -14,8 +14,8 @@ use intake_core::db::{DbConn, DbPool};
 use crate::catalog::{Catalog, ensure_namespace};
 use crate::dialect::Dialect;
 use crate::load_chunk::{
-    ChunkOutcome, PlacedAhead, Prepared, load_chunk, parse_chunk, place_records, record_history,
-    record_rejections,
+    ChunkOptions, ChunkOutcome, PlacedAhead, Prepared, load_chunk, parse_chunk, place_records,
+    record_history, record_rejections,
 };
 use crate::queue::{self, ChunkLimits, Staged};
 use crate::sql::{BoolRow, Conn, Param, in_transaction};
@@ -368,7 +368,10 @@ impl TableCursor<'_> {
                 &chunk,
                 prepared,
                 &mut self.helper_commits,
-                catalog_out,
+                ChunkOptions {
+                    next_catalog: catalog_out,
+                    salvaging: false,
+                },
             );
             // A read-ahead that failed is not used; the next chunk is then read anew.
             let read_ahead = reading.and_then(|r| r.join().ok()).and_then(Result::ok);
@@ -442,7 +445,10 @@ fn load_split(
             &records,
             parsed,
             &mut 0,
-            None,
+            ChunkOptions {
+                next_catalog: None,
+                salvaging: true,
+            },
         )
         .map(Some)
     });
