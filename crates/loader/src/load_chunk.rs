@@ -864,6 +864,7 @@ fn write_share(
     };
     let started = Instant::now();
     let roots = root_rows.len();
+    // For the key lookup and the child-row deletes below.
     let planning = index_lookups_only(conn, true)?;
     let (stored_rows, new_rows) = split_by_stored_key(conn, writing, root, root_rows)?;
     let mut written = new_rows.seqs.clone();
@@ -958,9 +959,9 @@ fn write_share(
 }
 
 /// Splits a share's root rows into those whose key the root table holds already and the
-/// others, on PostgreSQL (see [`write_share`]); SQLite's upsert costs no more than an insert,
-/// so there every row counts as stored. One statement looks up all the share's keys through
-/// the primary key's index.
+/// others, on PostgreSQL (see [`write_share`]). SQLite checks the key on any insert and has no
+/// speculative insertion to save, so there every row counts as stored. One statement looks up
+/// all the share's keys through the primary key's index.
 fn split_by_stored_key(
     conn: &mut Conn<'_>,
     writing: &Writing<'_>,
@@ -1248,8 +1249,6 @@ fn column_types(info: &TableInfo) -> FxHashMap<&str, ColType> {
     types
 }
 
-/// Writes a table's rows; for the root, as an upsert that keeps the newest sequence, returning
-/// the sequences of the rows actually written.
 /// How [`write_table`] writes rows.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RowWrite {
@@ -1257,10 +1256,11 @@ enum RowWrite {
     ChildInsert,
     /// Root rows whose key is not stored: inserted.
     RootInsert,
-    /// Root rows whose key may be stored: upserted; returns the sequences written.
+    /// Root rows whose key may be stored: upserted, keeping the newer record.
     RootUpsert,
 }
 
+/// Writes a table's rows; an upsert returns the sequences of the rows it actually wrote.
 fn write_table(
     conn: &mut Conn<'_>,
     catalog: &Catalog,
