@@ -5,6 +5,8 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    // Refused only if SQLite is already initialized, which nothing before this line does.
+    intake_core::db::sqlite_connections_without_mutexes();
     keep_freed_memory_for_reuse();
     intake_loader::main()
 }
