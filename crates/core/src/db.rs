@@ -153,9 +153,10 @@ impl CustomizeConnection<SqliteConnection, diesel::r2d2::Error> for SqliteSessio
 #[allow(unsafe_code)]
 pub fn sqlite_connections_without_mutexes() -> bool {
     use libsqlite3_sys::{SQLITE_CONFIG_MEMSTATUS, SQLITE_CONFIG_MULTITHREAD, SQLITE_OK};
-    // SAFETY: sqlite3_config changes process-wide options; before SQLite initializes nothing
-    // else reads them, and afterwards it returns SQLITE_MISUSE and changes nothing. Each
-    // option gets the arguments its documentation names (none; one int).
+    // SAFETY: sqlite3_config changes process-wide options without a lock, so it must not race
+    // another SQLite call: it runs first in `main`, before any other thread exists. Once
+    // SQLite is initialized it returns SQLITE_MISUSE and changes nothing. Each option gets
+    // the arguments its documentation names (none; one int).
     let (threads, statistics) = unsafe {
         (
             libsqlite3_sys::sqlite3_config(SQLITE_CONFIG_MULTITHREAD),
