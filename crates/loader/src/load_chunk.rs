@@ -233,26 +233,12 @@ impl TableRows {
 
     /// Keeps only the rows whose sequence `keep` accepts.
     fn retain(&mut self, keep: impl Fn(i64) -> bool) {
-        let marks: Vec<bool> = self.seqs.iter().map(|s| keep(*s)).collect();
-        if marks.iter().all(|k| *k) {
-            return;
+        let dropped: Vec<bool> = self.seqs.iter().map(|s| !keep(*s)).collect();
+        if dropped.contains(&true) {
+            // The dropped rows are moved out; the kept ones stay in place.
+            let (_, kept) = std::mem::take(self).split(&dropped);
+            *self = kept;
         }
-        fn sift<T>(values: &mut Vec<T>, marks: &[bool]) {
-            let mut i = 0;
-            values.retain(|_| {
-                i += 1;
-                marks.get(i - 1).copied().unwrap_or(false)
-            });
-        }
-        let rows = self.len();
-        for column in self.keys.iter_mut().chain(self.data.iter_mut()) {
-            column.resize(rows, Val::Null);
-            sift(column, &marks);
-        }
-        sift(&mut self.overflow, &marks);
-        sift(&mut self.seqs, &marks);
-        sift(&mut self.received, &marks);
-        sift(&mut self.stitch, &marks);
     }
 }
 
@@ -976,14 +962,11 @@ fn split_by_stored_key(
         // Created by this chunk, whose shares hold other keys.
         return Ok((TableRows::default(), rows));
     }
-    let mut params = Vec::new();
-    let (mut arrays, mut names, mut matches) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, (column, t)) in root.key_columns.iter().enumerate() {
-        arrays.push(format!("${}::{}[]", i + 1, d.sql_type(*t)));
+    let (arrays, params) = key_arrays(d, root, &rows.keys);
+    let (mut names, mut matches) = (Vec::new(), Vec::new());
+    for (i, (column, _)) in root.key_columns.iter().enumerate() {
         names.push(format!("k{i}"));
         matches.push(format!("r.{} = u.k{i}", quote(column)));
-        let values = rows.keys.get(i).cloned().unwrap_or_default();
-        params.push(crate::bulk::column_param(values, *t));
     }
     let found: Vec<I64Row> = conn.load(
         &format!(
@@ -1405,6 +1388,22 @@ fn index_lookups_only(conn: &mut Conn<'_>, on: bool) -> QueryResult<bool> {
     Ok(true)
 }
 
+/// The root table's key values (`keys`, a vector per key column) as PostgreSQL array
+/// parameters `$1`, `$2`, ...: the placeholders, cast to the columns' types, and the values.
+fn key_arrays(d: Dialect, root: &TableInfo, keys: &[Vec<Val>]) -> (Vec<String>, Vec<Param>) {
+    root.key_columns
+        .iter()
+        .enumerate()
+        .map(|(i, (_, t))| {
+            let values = keys.get(i).cloned().unwrap_or_default();
+            (
+                format!("${}::{}[]", i + 1, d.sql_type(*t)),
+                crate::bulk::column_param(values, *t),
+            )
+        })
+        .unzip()
+}
+
 /// Deletes the child rows of the root records just replaced, by their key values (so the
 /// child table's primary key index finds them; no scan).
 fn delete_children(
@@ -1424,21 +1423,7 @@ fn delete_children(
         .collect();
     let (condition, params) = match d {
         Dialect::Postgres => {
-            let arrays: Vec<String> = root
-                .key_columns
-                .iter()
-                .enumerate()
-                .map(|(i, (_, t))| format!("${}::{}[]", i + 1, d.sql_type(*t)))
-                .collect();
-            let params = root
-                .key_columns
-                .iter()
-                .enumerate()
-                .map(|(i, (_, t))| {
-                    let column = winner_keys.get(i).cloned().unwrap_or_default();
-                    crate::bulk::column_param(column, *t)
-                })
-                .collect();
+            let (arrays, params) = key_arrays(d, root, winner_keys);
             let condition = if let [only] = arrays.as_slice() {
                 // One key column (the usual case): `= ANY` walks the index once for the
                 // whole array, about three times faster than a semi-join.
