@@ -17,6 +17,7 @@ pub mod load_chunk;
 pub mod pass;
 pub mod paths;
 pub mod pg_array;
+pub mod pg_copy;
 pub mod queue;
 pub mod schema_types;
 pub mod sql;

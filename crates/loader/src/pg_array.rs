@@ -20,10 +20,10 @@ pub trait Element: std::fmt::Debug {
     /// The element's SQL type.
     type Sql;
     /// Writes the value's length and binary form.
-    fn write(&self, out: &mut Output<'_, '_, Pg>) -> serialize::Result;
+    fn write(&self, out: &mut impl Write) -> serialize::Result;
 }
 
-fn write_fixed<const N: usize>(out: &mut Output<'_, '_, Pg>, bytes: [u8; N]) -> serialize::Result {
+fn write_fixed<const N: usize>(out: &mut impl Write, bytes: [u8; N]) -> serialize::Result {
     let mut element = [0u8; 12];
     element[..4].copy_from_slice(&(N as i32).to_be_bytes());
     element[4..4 + N].copy_from_slice(&bytes);
@@ -33,28 +33,28 @@ fn write_fixed<const N: usize>(out: &mut Output<'_, '_, Pg>, bytes: [u8; N]) -> 
 
 impl Element for i64 {
     type Sql = BigInt;
-    fn write(&self, out: &mut Output<'_, '_, Pg>) -> serialize::Result {
+    fn write(&self, out: &mut impl Write) -> serialize::Result {
         write_fixed(out, self.to_be_bytes())
     }
 }
 
 impl Element for f64 {
     type Sql = Double;
-    fn write(&self, out: &mut Output<'_, '_, Pg>) -> serialize::Result {
+    fn write(&self, out: &mut impl Write) -> serialize::Result {
         write_fixed(out, self.to_bits().to_be_bytes())
     }
 }
 
 impl Element for bool {
     type Sql = Bool;
-    fn write(&self, out: &mut Output<'_, '_, Pg>) -> serialize::Result {
+    fn write(&self, out: &mut impl Write) -> serialize::Result {
         write_fixed(out, [u8::from(*self)])
     }
 }
 
 impl Element for String {
     type Sql = Text;
-    fn write(&self, out: &mut Output<'_, '_, Pg>) -> serialize::Result {
+    fn write(&self, out: &mut impl Write) -> serialize::Result {
         out.write_all(&i32::try_from(self.len())?.to_be_bytes())?;
         out.write_all(self.as_bytes())?;
         Ok(IsNull::No)
@@ -67,7 +67,7 @@ const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 impl Element for DateTime<Utc> {
     type Sql = Timestamptz;
     /// Microseconds since PostgreSQL's epoch.
-    fn write(&self, out: &mut Output<'_, '_, Pg>) -> serialize::Result {
+    fn write(&self, out: &mut impl Write) -> serialize::Result {
         let micros = self
             .timestamp_micros()
             .checked_sub(PG_EPOCH_MICROS)
