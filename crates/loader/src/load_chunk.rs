@@ -757,9 +757,12 @@ fn write_placed(
 /// Records per share below which a chunk is not split: splitting costs statements.
 const MIN_SHARE_RECORDS: usize = 500;
 
-/// Shares per writing connection: the first share of each is its own, the others go to
-/// whichever connection is free first (see [`write_in_parallel`]).
-const SHARES_PER_WRITER: usize = 2;
+/// Shares per writing connection (any beyond the first of each go to whichever connection is
+/// free first; see [`write_in_parallel`]). One: two per writer balanced the writers' ends when
+/// rows went by `INSERT`, but with COPY the extra statements cost more than the waiting saved
+/// (PostgreSQL 15 spends time per COPY statement in bookkeeping that grows with its rows up to
+/// 1,000). Load bench, seven rounds in turns: 0.62–0.66x the baseline against 0.59–0.61x.
+const SHARES_PER_WRITER: usize = 1;
 
 /// How many shares a chunk of `records` is written in: [`SHARES_PER_WRITER`] per connection
 /// available (PostgreSQL), as long as each gets at least [`MIN_SHARE_RECORDS`].
