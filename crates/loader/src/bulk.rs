@@ -40,9 +40,9 @@ pub struct Shared<'a> {
 /// Inserts rows given column by column (`data[i]` holds column `columns[i]`'s value for every
 /// row, all of one length; then come the `shared` columns) into `table_ref`. Columns, not
 /// rows: PostgreSQL takes one array per column, so nothing is transposed on the way (COPY
-/// reads the columns row by row as it encodes them). `tail`
-/// follows the row source (an `ON CONFLICT` clause and/or `RETURNING _intake_seq`); with
-/// `returning`, the returned sequence numbers are collected.
+/// reads the columns row by row as it encodes them). `tail` follows the row source (an
+/// `ON CONFLICT` clause and/or `RETURNING _intake_seq`); with `returning`, the returned
+/// sequence numbers are collected. Without either, on PostgreSQL, the rows go by COPY.
 pub fn insert_rows(
     conn: &mut Conn<'_>,
     table_ref: &str,

@@ -366,7 +366,7 @@ impl Catalog {
         self.tables.insert(EMPTY_PATH.to_owned(), info);
     }
 
-    /// The child table for an array path (see [`crate::flatten::ChildRow::array_path`]), with
+    /// The child table for an array path (see [`crate::flatten::ChildRow::array`]), with
     /// `levels` enclosing arrays, created in the catalog if new. Its key in the family is the
     /// array path.
     pub fn child_table(&mut self, array_path: &str, levels: usize) -> QueryResult<()> {

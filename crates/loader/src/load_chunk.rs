@@ -281,7 +281,7 @@ pub struct ChunkOptions {
 
 /// Loads `chunk` (in sequence order) for one table. Runs in the caller's transaction;
 /// `helpers` (idle connections, PostgreSQL) may each write a share of a large chunk in a
-/// transaction of their own (see [`write_in_parallel`]).
+/// transaction of their own (see `write_in_parallel`).
 /// An activate_version marker splits the chunk: the records before it are loaded, then the
 /// table's older versions are removed, then the records after it are loaded.
 /// `prepared` holds the chunk parsed (or placed) in order. `helper_commits` grows by the

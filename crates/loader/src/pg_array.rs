@@ -1,8 +1,10 @@
 //! Column arrays for PostgreSQL, written straight into its binary array format. The loader
-//! binds every column of a bulk write as one array; diesel's own array writer serializes each
+//! binds every column of a bulk upsert as one array; diesel's own array writer serializes each
 //! element into a scratch buffer through a fresh output and copies it over, which cost about
 //! 9% of the loader's instructions. The bytes are the same: a one-dimensional array with lower
-//! bound 1, each element as its length (-1 for NULL) and then its binary value.
+//! bound 1, each element as its length (-1 for NULL) and then its binary value. A field of
+//! binary COPY data has that same form, so [`crate::pg_copy`] writes its fields with
+//! [`Element`] too.
 
 use std::io::Write;
 

@@ -20,7 +20,7 @@ use crate::value_types::ColType;
 
 diesel::table! {
     /// Never created or read. diesel's COPY needs a table type to start from; the statement's
-    /// real target comes from [`TARGET`].
+    /// real target comes from `TARGET`.
     intake_copy_placeholder (id) {
         id -> BigInt,
     }
@@ -48,7 +48,8 @@ impl CopyTarget for DynamicTarget {
     }
 }
 
-/// The 11-byte signature, flags and header extension length of binary COPY data.
+/// The start of binary COPY data: its 11-byte signature, then 32 bits of flags and 32 bits of
+/// header-extension length, all zero.
 const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 /// The field count that ends binary COPY data.
 const TRAILER: [u8; 2] = (-1i16).to_be_bytes();
