@@ -25,8 +25,9 @@ pub enum Json<'a> {
     Bool(bool),
     /// An integer that fits 64 signed bits.
     Int(i64),
-    /// Any other number, as written: larger integers, decimals, exponents.
-    Number(String),
+    /// Any other number, as written: larger integers, decimals, exponents (borrowed from the
+    /// record unless its exponent had to be respelled as serde_json writes it).
+    Number(Cow<'a, str>),
     Str(Cow<'a, str>),
     Array(Vec<Json<'a>>),
     /// Fields sorted by name, each name once.
@@ -159,9 +160,9 @@ impl<'a> Reader<'a> {
                 let (mantissa, rest) = text.split_at(at - start);
                 let digits = rest[1..].trim_start_matches(['+', '-']);
                 let sign = if rest[1..].starts_with('-') { '-' } else { '+' };
-                format!("{mantissa}e{sign}{digits}")
+                Cow::Owned(format!("{mantissa}e{sign}{digits}"))
             }
-            _ => text.to_owned(),
+            _ => Cow::Borrowed(text),
         }))
     }
 
@@ -345,7 +346,7 @@ impl Json<'_> {
             Json::Int(i) => Value::from(i),
             Json::Number(text) => serde_json::Number::from_str(&text)
                 .map(Value::Number)
-                .unwrap_or(Value::String(text)),
+                .unwrap_or_else(|_| Value::String(text.into_owned())),
             Json::Str(s) => Value::String(s.into_owned()),
             Json::Array(items) => Value::Array(items.into_iter().map(Json::into_value).collect()),
             Json::Object(fields) => Value::Object(
@@ -399,11 +400,12 @@ impl<'de> Visitor<'de> for JsonVisitor {
     }
 
     fn visit_u64<E>(self, u: u64) -> Result<Json<'de>, E> {
-        Ok(i64::try_from(u).map_or_else(|_| Json::Number(u.to_string()), Json::Int))
+        Ok(i64::try_from(u).map_or_else(|_| Json::Number(u.to_string().into()), Json::Int))
     }
 
     fn visit_f64<E>(self, f: f64) -> Result<Json<'de>, E> {
-        Ok(serde_json::Number::from_f64(f).map_or(Json::Null, |n| Json::Number(n.to_string())))
+        Ok(serde_json::Number::from_f64(f)
+            .map_or(Json::Null, |n| Json::Number(n.to_string().into())))
     }
 
     fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Json<'de>, E> {
@@ -433,7 +435,7 @@ impl<'de> Visitor<'de> for JsonVisitor {
         if first == NUMBER_TOKEN {
             let text: String = map.next_value()?;
             serde_json::Number::from_str(&text).map_err(de::Error::custom)?;
-            return Ok(Json::Number(text));
+            return Ok(Json::Number(text.into()));
         }
         // Most objects in records are small; starting at 8 saves most regrowth.
         let mut fields = Vec::with_capacity(8);

@@ -1,5 +1,7 @@
 //! The warehouse types of JSON values, and the one rule for recognising date-times.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, NaiveDateTime, Utc};
 
 use crate::json_tree::Json;
@@ -126,13 +128,13 @@ pub fn scalar_cell(value: Json<'_>) -> Option<Cell> {
 
 /// A number as written in the record: an integer that fits 64 bits, a finite decimal, or
 /// else (integers beyond 64 bits, numbers no double can hold, like 1e400) its exact text.
-fn number_cell(text: String) -> Cell {
+fn number_cell(text: Cow<'_, str>) -> Cell {
     if let Ok(i) = text.parse::<i64>() {
         return Cell::Int(i);
     }
     match text.parse::<f64>() {
         Ok(f) if f.is_finite() && text.contains(['.', 'e', 'E']) => Cell::Float(f),
-        _ => Cell::Text(text),
+        _ => Cell::Text(text.into_owned()),
     }
 }
 
@@ -150,10 +152,10 @@ pub fn parse_datetime(s: &str) -> Option<DateTime<Utc>> {
     if !shape_ok || &s[..4] == "0000" {
         return None;
     }
-    let normalized = if b[10] == b' ' {
-        format!("{}T{}", &s[..10], &s[11..])
+    let normalized: Cow<'_, str> = if b[10] == b' ' {
+        Cow::Owned(format!("{}T{}", &s[..10], &s[11..]))
     } else {
-        s.to_owned()
+        Cow::Borrowed(s)
     };
     if let Ok(t) = DateTime::parse_from_rfc3339(&normalized) {
         return Some(t.with_timezone(&Utc));
