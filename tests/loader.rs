@@ -2412,6 +2412,44 @@ fn run_fails_when_the_database_is_unreachable(backend: Backend) {
     assert!(started.elapsed() < Duration::from_secs(30), "quickly");
 }
 
+/// PostgreSQL: a column whose type was changed by hand to one that PostgreSQL converts Intake's
+/// values to (bigint to numeric, say) still takes new rows, in root and child tables alike,
+/// new keys and replaced ones. (New rows go by binary COPY, which converts nothing: the chunk
+/// fails once, and its salvage writes the rows by INSERT, which converts.)
+#[test]
+fn a_column_retyped_by_hand_still_loads_on_postgres() {
+    let backend = Backend::Postgres;
+    let db = TestDb::new(backend);
+    let (server, key) = start(&db);
+    let record =
+        |id: i64, n: i64, q: i64| json!({"id": id, "keys": ["id"], "n": n, "items": [{"qty": q}]});
+    push(&server, &key, "orders", &[record(1, 5, 1)]);
+    load(&db);
+    let mut conn = DbConnection::open(&db);
+    for (table, column) in [("orders", "n"), ("orders__items", "qty")] {
+        conn.execute(&format!(
+            "ALTER TABLE {} ALTER COLUMN \"{column}\" TYPE numeric",
+            table_ref(backend, CLIENT, table)
+        ));
+    }
+    push(&server, &key, "orders", &[record(2, 6, 2), record(1, 7, 3)]);
+    load(&db);
+    assert_staging_empty(&db);
+    assert_eq!(
+        rows(&db, "_intake_rejected", "\"seq\"").len(),
+        0,
+        "nothing rejected"
+    );
+    let values = |table: &str, column: &str| -> Vec<f64> {
+        rows(&db, table, "\"_intake_seq\"")
+            .iter()
+            .map(|r| r[column].as_f64().unwrap_or(f64::NAN))
+            .collect()
+    };
+    assert_eq!(values("orders", "n"), [6.0, 7.0]);
+    assert_eq!(values("orders__items", "qty"), [2.0, 3.0]);
+}
+
 /// A root row deleted by hand leaves its child rows behind. The next version of that key is a
 /// new root row, whose child rows must still replace the old ones, not collide with them.
 fn child_rows_left_by_a_root_deleted_by_hand_do_not_block_its_next_version(backend: Backend) {

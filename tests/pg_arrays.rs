@@ -123,14 +123,17 @@ fn dump(conn: &mut PgConnection, table: &str) -> String {
     .unwrap_or_default()
 }
 
-/// Plain inserts go by binary COPY (`intake_loader::pg_copy`), upserts by `INSERT ... SELECT
-/// unnest(...)`. The same rows written both ways must read back the same: every column type,
-/// NULLs, values of the wrong type for their column (NULL), extremes, a column shared by all
-/// rows, and more rows than one piece of COPY data.
+/// Plain inserts go by binary COPY (`intake_loader::pg_copy`) where the columns kept their
+/// types, other writes by `INSERT ... SELECT unnest(...)`. The same rows written both ways must
+/// read back the same: every column type, NULLs, values of the wrong type for their column
+/// (NULL), extremes, a column shared by all rows, and more rows than one piece of COPY data.
+/// A column whose type changed (here by hand, to `numeric`) must be noticed, as COPY would
+/// misread the values sent for it.
 #[test]
 fn copy_writes_rows_as_the_array_insert_does() {
     use intake_loader::bulk::{Shared, Val, insert_rows};
-    use intake_loader::sql::Conn;
+    use intake_loader::pg_copy::{copy_rows, types_unchanged};
+    use intake_loader::sql::{Conn, in_transaction};
     use intake_loader::value_types::ColType;
 
     let db = TestDb::new(Backend::Postgres);
@@ -206,24 +209,21 @@ fn copy_writes_rows_as_the_array_insert_does() {
         value: Val::Time(loaded),
     }];
     let mut conn = Conn::Pg(&mut pg);
-    // No tail: COPY. A tail: the INSERT.
-    insert_rows(
-        &mut conn,
-        "by_copy",
-        &columns,
-        &shared,
-        data.clone(),
-        "",
-        false,
-    )
+    // In a transaction, as the loader writes: the check locks the table until its end.
+    let unchanged = in_transaction(&mut conn, |c| {
+        let unchanged = types_unchanged(c, "by_copy", &columns, &shared)?;
+        copy_rows(c, "by_copy", &columns, &shared, &data)?;
+        Ok(unchanged)
+    })
     .expect("copies the rows");
+    assert!(unchanged, "the table has the types it was made with");
     insert_rows(
         &mut conn,
         "by_insert",
         &columns,
         &shared,
         data.clone(),
-        "ON CONFLICT DO NOTHING",
+        "",
         false,
     )
     .expect("inserts the rows");
@@ -241,15 +241,7 @@ fn copy_writes_rows_as_the_array_insert_does() {
     assert!(seventh.starts_with("-1494,,t,,"), "{seventh}");
 
     // A COPY that fails reports the database's error, and leaves the connection usable.
-    let again = insert_rows(
-        &mut Conn::Pg(&mut pg),
-        "by_copy",
-        &columns,
-        &shared,
-        data,
-        "",
-        false,
-    );
+    let again = copy_rows(&mut Conn::Pg(&mut pg), "by_copy", &columns, &shared, &data);
     assert!(
         matches!(
             again,
@@ -261,4 +253,17 @@ fn copy_writes_rows_as_the_array_insert_does() {
         "{again:?}"
     );
     assert_eq!(dump(&mut pg, "by_copy"), copied);
+
+    pg.batch_execute("ALTER TABLE by_insert ALTER COLUMN f TYPE numeric")
+        .expect("retypes a column");
+    let unknown = [("absent".to_owned(), ColType::Text)];
+    let (retyped, absent) = in_transaction(&mut Conn::Pg(&mut pg), |c| {
+        Ok((
+            types_unchanged(c, "by_insert", &columns, &shared)?,
+            types_unchanged(c, "by_copy", &unknown, &[])?,
+        ))
+    })
+    .expect("checks the types");
+    assert!(!retyped, "a column retyped by hand");
+    assert!(!absent, "a column that is not there");
 }

@@ -1150,7 +1150,7 @@ pub fn warehouse_rows(db: &TestDb, client_id: i64, table: &str, order_by: &str) 
                 })
                 .collect();
             format!(
-                "SELECT row_to_json(q)::text AS j FROM (SELECT {} FROM {source}) q ORDER BY {order_by}",
+                "SELECT row_to_json(test_row)::text AS j FROM (SELECT {} FROM {source}) test_row ORDER BY {order_by}",
                 select.join(", ")
             )
         }

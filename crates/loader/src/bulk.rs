@@ -1,9 +1,9 @@
 //! Set-based writes: many rows in one statement, never a statement per record.
 //!
-//! Rows arrive column by column. On PostgreSQL a plain insert goes by binary COPY
-//! ([`crate::pg_copy`]); any other insert gets one array parameter per column and `unnest`s
-//! them (so the parameter count does not grow with the rows). SQLite gets multi-row `VALUES`
-//! lists sized to stay under its bind-variable limit.
+//! Rows arrive column by column. PostgreSQL gets one array parameter per column and `unnest`s
+//! them (so the parameter count does not grow with the rows); plain inserts into tables whose
+//! columns kept their types go by binary COPY instead ([`crate::pg_copy`]). SQLite gets
+//! multi-row `VALUES` lists sized to stay under its bind-variable limit.
 
 use chrono::{DateTime, Utc};
 use diesel::QueryResult;
@@ -39,10 +39,9 @@ pub struct Shared<'a> {
 
 /// Inserts rows given column by column (`data[i]` holds column `columns[i]`'s value for every
 /// row, all of one length; then come the `shared` columns) into `table_ref`. Columns, not
-/// rows: PostgreSQL takes one array per column, so nothing is transposed on the way (COPY
-/// reads the columns row by row as it encodes them). `tail` follows the row source (an
+/// rows: PostgreSQL takes one array per column, so nothing is transposed on the way. `tail` follows the row source (an
 /// `ON CONFLICT` clause and/or `RETURNING _intake_seq`); with `returning`, the returned
-/// sequence numbers are collected. Without either, on PostgreSQL, the rows go by COPY.
+/// sequence numbers are collected.
 pub fn insert_rows(
     conn: &mut Conn<'_>,
     table_ref: &str,
@@ -58,19 +57,7 @@ pub fn insert_rows(
     if rows == 0 {
         return Ok(Vec::new());
     }
-    let names: Vec<String> = columns
-        .iter()
-        .map(|(n, _)| quote(n))
-        .chain(shared.iter().map(|s| quote(s.name)))
-        .collect();
-    if let Conn::Pg(pg) = conn
-        && tail.is_empty()
-        && !returning
-    {
-        // A plain insert: COPY writes the rows for less (see `pg_copy`).
-        let target = format!("{table_ref} ({})", names.join(", "));
-        return crate::pg_copy::copy_rows(pg, &target, columns, shared, &data).map(|_| Vec::new());
-    }
+    let names = column_list(columns, shared);
     match conn.dialect() {
         Dialect::Postgres => {
             let mut params: Vec<Param> = data
@@ -134,6 +121,15 @@ pub fn insert_rows(
             Ok(returned)
         }
     }
+}
+
+/// The quoted names of `columns`, then of the `shared` ones: the column list of a write.
+pub fn column_list(columns: &[(String, ColType)], shared: &[Shared<'_>]) -> Vec<String> {
+    columns
+        .iter()
+        .map(|(n, _)| quote(n))
+        .chain(shared.iter().map(|s| quote(s.name)))
+        .collect()
 }
 
 fn run(

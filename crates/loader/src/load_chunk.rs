@@ -1323,6 +1323,10 @@ fn write_table(
         value: loaded_at.clone(),
     }];
     if !upsert {
+        if crate::pg_copy::types_unchanged(conn, &table_ref, &columns, &shared)? {
+            return crate::pg_copy::copy_rows(conn, &table_ref, &columns, &shared, &values)
+                .map(|_| Vec::new());
+        }
         return insert_rows(conn, &table_ref, &columns, &shared, values, "", false);
     }
     let keys: Vec<&str> = info.key_columns.iter().map(|(n, _)| n.as_str()).collect();

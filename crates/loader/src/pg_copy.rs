@@ -5,17 +5,25 @@
 //! column array. In psql, 600,000 child-table rows took 735–855 ms by binary COPY against
 //! 937–1,311 ms by unnest. COPY has no `ON CONFLICT` and no `RETURNING`, so upserts keep the
 //! `INSERT` of [`crate::bulk`].
+//!
+//! Binary COPY converts nothing: each value must arrive in its column's own binary form, and
+//! a value sent for another type is misread, not refused (a `bigint` 6 sent to a column
+//! changed by hand to `numeric` is stored as 0). So rows go by COPY only into columns that
+//! still have exactly the types Intake made them with ([`types_unchanged`]); otherwise by the
+//! `INSERT`, whose casts convert or refuse.
 
 use std::cell::RefCell;
 use std::io::Write;
 
-use diesel::pg::{CopyFormat, CopyTarget, Pg, PgConnection};
+use diesel::pg::{CopyFormat, CopyTarget, Pg};
 use diesel::query_builder::AstPass;
 use diesel::serialize;
 use diesel::{ExecuteCopyFromDsl, QueryResult};
 
-use crate::bulk::{Shared, Val};
+use crate::bulk::{Shared, Val, column_list};
+use crate::dialect::Dialect;
 use crate::pg_array::Element;
+use crate::sql::{Conn, I64Row, Param};
 use crate::value_types::ColType;
 
 diesel::table! {
@@ -58,16 +66,58 @@ const TRAILER: [u8; 2] = (-1i16).to_be_bytes();
 /// cost nothing, small enough that a share's rows are never all encoded at once.
 const PIECE: usize = 64 * 1024;
 
+/// Whether the columns of `table_ref` that a write names (`columns`, then `shared`) all have
+/// exactly the types Intake gives them, so that their rows may go by binary COPY. Locks the
+/// table first (`ROW EXCLUSIVE`, as any insert does), so that no `ALTER TABLE` can change a
+/// type between this check and the end of the transaction. Always false on SQLite.
+pub fn types_unchanged(
+    conn: &mut Conn<'_>,
+    table_ref: &str,
+    columns: &[(String, ColType)],
+    shared: &[Shared<'_>],
+) -> QueryResult<bool> {
+    if conn.dialect() != Dialect::Postgres {
+        return Ok(false);
+    }
+    conn.batch(&format!("LOCK TABLE {table_ref} IN ROW EXCLUSIVE MODE"))?;
+    let (names, types): (Vec<Option<String>>, Vec<Option<String>>) = columns
+        .iter()
+        .map(|(n, t)| (n.as_str(), *t))
+        .chain(shared.iter().map(|s| (s.name, s.col_type)))
+        .map(|(n, t)| {
+            (
+                Some(n.to_owned()),
+                Some(Dialect::Postgres.sql_type(t).to_owned()),
+            )
+        })
+        .unzip();
+    let differing: Vec<I64Row> = conn.load(
+        "SELECT COUNT(*) AS v FROM unnest($1::text[], $2::text[]) AS w(name, type) \
+         WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = $3::regclass \
+           AND a.attname = w.name AND NOT a.attisdropped \
+           AND a.atttypid = w.type::regtype AND a.atttypmod = -1)",
+        vec![
+            Param::TextArray(names),
+            Param::TextArray(types),
+            Param::Text(Some(table_ref.to_owned())),
+        ],
+    )?;
+    Ok(differing.first().is_some_and(|d| d.v == 0))
+}
+
 /// Inserts rows given column by column (as [`crate::bulk::insert_rows`] takes them:
 /// `data[i]` holds column `columns[i]`, then come the `shared` columns, the same in every row)
-/// into `target`, the table and its column list (`"s"."t" ("a", "b")`), quoted.
+/// into `table_ref`, whose columns [`types_unchanged`] has checked in this transaction.
 pub fn copy_rows(
-    conn: &mut PgConnection,
-    target: &str,
+    conn: &mut Conn<'_>,
+    table_ref: &str,
     columns: &[(String, ColType)],
     shared: &[Shared<'_>],
     data: &[Vec<Val>],
 ) -> QueryResult<usize> {
+    let Conn::Pg(conn) = conn else {
+        return Err(serialization("COPY is for PostgreSQL"));
+    };
     let fields = i16::try_from(columns.len() + shared.len())
         .map_err(|_| serialization("too many columns for one COPY"))?
         .to_be_bytes();
@@ -76,7 +126,10 @@ pub fn copy_rows(
         write_field(&mut shared_fields, &s.value, s.col_type)?;
     }
     let rows = data.first().map_or(0, Vec::len);
-    TARGET.set(target.to_owned());
+    TARGET.set(format!(
+        "{table_ref} ({})",
+        column_list(columns, shared).join(", ")
+    ));
     diesel::copy_from(intake_copy_placeholder::table)
         .from_raw_data(DynamicTarget, |sink: &mut dyn Write| {
             let mut piece = Vec::with_capacity(PIECE + 4096);
@@ -96,7 +149,7 @@ pub fn copy_rows(
             sink.write_all(&piece).map_err(io_error)
         })
         .with_format(CopyFormat::Binary)
-        .execute(conn)
+        .execute(&mut **conn)
 }
 
 /// One field: its length and binary value, or -1 for NULL. A value of the wrong type for the
