@@ -1246,7 +1246,9 @@ enum RowWrite {
     RootUpsert,
 }
 
-/// Writes a table's rows; an upsert returns the sequences of the rows it actually wrote.
+/// Writes a table's rows; an upsert returns the sequences of the rows it actually wrote. Plain
+/// inserts go by binary COPY on PostgreSQL where the table's columns kept their types (see
+/// [`crate::pg_copy`]).
 fn write_table(
     conn: &mut Conn<'_>,
     catalog: &Catalog,
