@@ -2414,8 +2414,9 @@ fn run_fails_when_the_database_is_unreachable(backend: Backend) {
 
 /// PostgreSQL: a column whose type was changed by hand to one that PostgreSQL converts Intake's
 /// values to (bigint to numeric, say) still takes new rows, in root and child tables alike,
-/// new keys and replaced ones. (New rows go by binary COPY, which converts nothing: the chunk
-/// fails once, and its salvage writes the rows by INSERT, which converts.)
+/// new keys and replaced ones, with the values converted. (New rows go by binary COPY, which
+/// converts nothing and would store the 6 below as 0; the loader must notice the changed type
+/// and write that table's rows by INSERT, which converts.)
 #[test]
 fn a_column_retyped_by_hand_still_loads_on_postgres() {
     let backend = Backend::Postgres;

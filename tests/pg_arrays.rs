@@ -1,8 +1,9 @@
 //! The loader writes to PostgreSQL in binary: every column of an upsert as one array
 //! parameter (`intake_loader::pg_array`), the rows of a plain insert as binary COPY data
-//! (`intake_loader::pg_copy`). PostgreSQL must read each exactly as it reads diesel's own
-//! encoding of the same values: these send both to a real server and compare what it makes of
-//! them, for every type, with NULLs, empty and extreme values.
+//! (`intake_loader::pg_copy`). PostgreSQL must read our arrays exactly as it reads diesel's
+//! own encoding of the same values, and our COPY data exactly as the same rows inserted from
+//! our arrays: these send both to a real server and compare what it makes of them, for every
+//! type, with NULLs, empty and extreme values.
 
 mod support;
 

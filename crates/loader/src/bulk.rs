@@ -39,9 +39,9 @@ pub struct Shared<'a> {
 
 /// Inserts rows given column by column (`data[i]` holds column `columns[i]`'s value for every
 /// row, all of one length; then come the `shared` columns) into `table_ref`. Columns, not
-/// rows: PostgreSQL takes one array per column, so nothing is transposed on the way. `tail` follows the row source (an
-/// `ON CONFLICT` clause and/or `RETURNING _intake_seq`); with `returning`, the returned
-/// sequence numbers are collected.
+/// rows: PostgreSQL takes one array per column, so nothing is transposed on the way. `tail`
+/// follows the row source (an `ON CONFLICT` clause and/or `RETURNING _intake_seq`); with
+/// `returning`, the returned sequence numbers are collected.
 pub fn insert_rows(
     conn: &mut Conn<'_>,
     table_ref: &str,

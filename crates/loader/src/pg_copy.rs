@@ -80,10 +80,11 @@ pub fn types_unchanged(
         return Ok(false);
     }
     conn.batch(&format!("LOCK TABLE {table_ref} IN ROW EXCLUSIVE MODE"))?;
-    let (names, types): (Vec<Option<String>>, Vec<Option<String>>) = columns
+    let written = columns
         .iter()
         .map(|(n, t)| (n.as_str(), *t))
-        .chain(shared.iter().map(|s| (s.name, s.col_type)))
+        .chain(shared.iter().map(|s| (s.name, s.col_type)));
+    let (names, types): (Vec<Option<String>>, Vec<Option<String>>) = written
         .map(|(n, t)| {
             (
                 Some(n.to_owned()),
