@@ -22,6 +22,7 @@ both_backends!(
     a_schema_that_grows_chunk_by_chunk_loads_alike_with_or_without_read_ahead,
     a_database_error_in_a_shared_chunk_rejects_only_the_record_at_fault,
     a_chunk_holds_no_more_bytes_than_configured,
+    records_read_apart_for_their_size_load_whole,
     child_rows_left_by_a_root_deleted_by_hand_do_not_block_its_next_version,
     a_nested_record_becomes_typed_columns,
     integers_beyond_64_bits_are_kept_exactly_as_text,
@@ -2564,6 +2565,56 @@ fn a_chunk_holds_no_more_bytes_than_configured(backend: Backend) {
         );
     }
     assert_eq!(covered, 10, "every record in exactly one chunk: {chunks:?}");
+}
+
+/// A chunk read returns records no larger than an equal part of the byte budget with the
+/// rows, and reads larger ones apart: a mix of both loads whole, in chunks within the budget.
+fn records_read_apart_for_their_size_load_whole(backend: Backend) {
+    let db = TestDb::new(backend);
+    let (server, key) = start(&db);
+    let config = db.dir().join("mixed-sizes.toml");
+    // 300 bytes a record read with the rows.
+    std::fs::write(
+        &config,
+        "[loader]\nchunk_size = 4\nchunk_max_bytes = 1200\n",
+    )
+    .expect("writing a config file");
+    let config = config.to_string_lossy().into_owned();
+    let pads: Vec<usize> = vec![100, 500, 100, 100, 700, 500, 100, 2000, 100, 100, 500];
+    let records: Vec<Value> = pads
+        .iter()
+        .enumerate()
+        .map(|(i, pad)| json!({"id": i + 1, "keys": ["id"], "pad": "é".repeat(*pad / 2)}))
+        .collect();
+    push(&server, &key, "mixed", &records);
+    let sizes: std::collections::HashMap<i64, usize> = staged_rows(&db)
+        .iter()
+        .map(|(_, _, seq, record)| (*seq, record.len()))
+        .collect();
+    assert!(sizes.values().any(|s| *s <= 300) && sizes.values().any(|s| *s > 300));
+
+    run_loader(&db, &["run", "--config", &config]).assert_success();
+    assert_staging_empty(&db);
+    let loaded: Vec<(i64, usize)> = rows(&db, "mixed", "\"id\"")
+        .iter()
+        .map(|r| {
+            let pad = r["pad"].as_str().unwrap_or_default();
+            (r["id"].as_i64().unwrap_or(-1), pad.chars().count() * 2)
+        })
+        .collect();
+    let expected: Vec<(i64, usize)> = (1i64..).zip(pads.iter().copied()).collect();
+    assert_eq!(loaded, expected);
+    for h in rows(&db, "_intake_load_history", "\"id\"") {
+        let (first, last) = (
+            h["first_seq"].as_i64().unwrap_or(-1),
+            h["last_seq"].as_i64().unwrap_or(-1),
+        );
+        let bytes: usize = (first..=last).filter_map(|s| sizes.get(&s)).sum();
+        assert!(
+            bytes <= 1200 || first == last,
+            "chunk {first}..={last} holds {bytes} bytes"
+        );
+    }
 }
 
 /// Records whose schema grows as they arrive: every ten bring a new field, then a field

@@ -7,6 +7,8 @@ use diesel::deserialize::{FromSql, QueryableByName};
 use diesel::row::NamedRow;
 use diesel::sql_types::{BigInt, Nullable, Text};
 
+use rustc_hash::FxHashMap;
+
 use crate::dialect::Dialect;
 use crate::sql::{Conn, I64Row, Moment, Param};
 
@@ -62,20 +64,18 @@ struct PendingTable {
     table_name: String,
 }
 
-/// A staged row as [`STAGED_COLUMNS`] select it.
+/// A staged row as a chunk read selects it: `record` is `None` where it was held back for its
+/// size (see [`read_chunk_where`]), and `size` is the record's length in bytes.
 struct StagedRow {
     seq: i64,
     received_at: DateTime<Utc>,
-    record: String,
+    record: Option<String>,
     client_seq: Option<i64>,
     key_names: Option<String>,
     table_version: Option<i64>,
     action: Option<String>,
+    size: i64,
 }
-
-/// The columns a chunk read selects, in the order [`StagedRow`] takes them.
-const STAGED_COLUMNS: &str =
-    "seq, received_at, record, client_seq, key_names, table_version, action";
 
 /// Reads the fields by position: the derived reader looks each one up by its name in every
 /// row, which was 6% of the loader's instructions (these are the rows it reads most).
@@ -84,7 +84,6 @@ where
     DB: diesel::backend::Backend,
     i64: FromSql<BigInt, DB>,
     DateTime<Utc>: FromSql<Moment, DB>,
-    String: FromSql<Text, DB>,
     Option<i64>: FromSql<Nullable<BigInt>, DB>,
     Option<String>: FromSql<Nullable<Text>, DB>,
 {
@@ -92,22 +91,23 @@ where
         Ok(StagedRow {
             seq: row.get_value::<BigInt, _, _>(0)?,
             received_at: row.get_value::<Moment, _, _>(1)?,
-            record: row.get_value::<Text, _, _>(2)?,
+            record: row.get_value::<Nullable<Text>, _, _>(2)?,
             client_seq: row.get_value::<Nullable<BigInt>, _, _>(3)?,
             key_names: row.get_value::<Nullable<Text>, _, _>(4)?,
             table_version: row.get_value::<Nullable<BigInt>, _, _>(5)?,
             action: row.get_value::<Nullable<Text>, _, _>(6)?,
+            size: row.get_value::<BigInt, _, _>(7)?,
         })
     }
 }
 
-/// Where a chunk ends, and how many records the count limit alone would have given.
+/// A record held back by a chunk read, read on its own.
 #[derive(QueryableByName)]
-struct ChunkCut {
-    #[diesel(sql_type = Nullable<BigInt>)]
-    last_seq: Option<i64>,
+struct SeqRecord {
     #[diesel(sql_type = BigInt)]
-    available: i64,
+    seq: i64,
+    #[diesel(sql_type = Text)]
+    record: String,
 }
 
 /// Every (client, table) with records waiting.
@@ -169,6 +169,12 @@ pub fn read_chunk(
 
 /// Reads records (in `range` if given): the first `limits.records`, then of those the ones
 /// that fit in `limits.bytes` (at least one). Also returns how many the first step found.
+///
+/// One statement reads the rows with their sizes, but only the records that are no larger
+/// than an equal part of the byte budget: so the rows it returns hold at most the budget,
+/// whatever the records' size. The chunk is cut where the running size passes the budget
+/// (the first record always counts), and the records held back within the cut are read by a
+/// second statement, which small records never need.
 fn read_chunk_where(
     conn: &mut Conn<'_>,
     client_id: i64,
@@ -178,70 +184,98 @@ fn read_chunk_where(
 ) -> QueryResult<(Vec<Staged>, usize)> {
     let d = conn.dialect();
     let (from, to) = range.unwrap_or((i64::MIN, i64::MAX));
-    let filter = format!(
-        "FROM staged_records WHERE client_id = {} AND table_name = {} AND seq >= {} AND seq <= {} \
-         ORDER BY seq LIMIT {}",
-        d.placeholder(1),
-        d.placeholder(2),
-        d.placeholder(3),
-        d.placeholder(4),
-        d.placeholder(5)
-    );
-    let params = |last: i64| {
+    let records = limits.records.max(1);
+    let inline_max = limits.bytes / records;
+    let size = match d {
+        // A bigint, as `StagedRow` reads it.
+        Dialect::Postgres => "octet_length(record)::bigint",
+        Dialect::Sqlite => "length(CAST(record AS BLOB))",
+    };
+    let mut rows: Vec<StagedRow> = conn.load(
+        &format!(
+            "SELECT seq, received_at, CASE WHEN {size} <= {inline_max} THEN record END AS record, \
+                    client_seq, key_names, table_version, action, {size} AS size \
+             FROM staged_records WHERE client_id = {} AND table_name = {} AND seq >= {} AND seq <= {} \
+             ORDER BY seq LIMIT {}",
+            d.placeholder(1),
+            d.placeholder(2),
+            d.placeholder(3),
+            d.placeholder(4),
+            d.placeholder(5),
+            inline_max = d.placeholder(6),
+        ),
         vec![
             Param::Int(Some(client_id)),
             Param::Text(Some(table.to_owned())),
             Param::Int(Some(from)),
-            Param::Int(Some(last)),
-            Param::Int(Some(limits.records.max(1) as i64)),
-        ]
-    };
-    // First the sizes only: where the byte budget cuts the first `records` rows (running sums
-    // grow, so the rows that fit are a prefix; the first always counts). A ROWS frame, as seq
-    // is unique: the default RANGE frame gives the same sums at more cost.
-    let mut cut_params = params(to);
-    cut_params.push(Param::Int(Some(
-        i64::try_from(limits.bytes).unwrap_or(i64::MAX),
-    )));
-    let size = match d {
-        Dialect::Postgres => "octet_length(record)",
-        Dialect::Sqlite => "length(CAST(record AS BLOB))",
-    };
-    let cut: Vec<ChunkCut> = conn.load(
-        &format!(
-            "SELECT MAX(CASE WHEN before = 0 OR before + size <= {budget} THEN seq END) AS last_seq, \
-                    COUNT(*) AS available \
-             FROM (SELECT seq, size, SUM(size) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) - size AS before \
-                   FROM (SELECT seq, {size} AS size {filter}) AS first_rows) AS sized",
-            budget = d.placeholder(6),
-        ),
-        cut_params,
+            Param::Int(Some(to)),
+            Param::Int(Some(records as i64)),
+            Param::Int(Some(i64::try_from(inline_max).unwrap_or(i64::MAX))),
+        ],
     )?;
-    let Some(ChunkCut {
-        last_seq: Some(last),
-        available,
-    }) = cut.into_iter().next()
-    else {
-        return Ok((Vec::new(), 0));
-    };
-    let rows: Vec<StagedRow> =
-        conn.load(&format!("SELECT {STAGED_COLUMNS} {filter}"), params(last))?;
-    let available = usize::try_from(available).unwrap_or(0);
+    let available = rows.len();
+    // Running sums grow, so the rows that fit are a prefix.
+    let mut total = 0usize;
+    let fit = rows
+        .iter()
+        .position(|r| {
+            let size = usize::try_from(r.size).unwrap_or(0);
+            let over = total > 0 && total.saturating_add(size) > limits.bytes;
+            total = total.saturating_add(size);
+            over
+        })
+        .unwrap_or(rows.len());
+    rows.truncate(fit);
+    let held_back: Vec<i64> = rows
+        .iter()
+        .filter(|r| r.record.is_none())
+        .map(|r| r.seq)
+        .collect();
+    if !held_back.is_empty() {
+        let mut records: FxHashMap<i64, String> = read_records(conn, client_id, table, &held_back)?
+            .into_iter()
+            .map(|r| (r.seq, r.record))
+            .collect();
+        for row in rows.iter_mut().filter(|r| r.record.is_none()) {
+            row.record = records.remove(&row.seq);
+        }
+    }
     let chunk = rows
         .into_iter()
-        .map(|r| Staged {
-            seq: r.seq,
-            received_at: r.received_at,
-            record: r.record,
-            stitch: r.client_seq.map(|client_seq| StitchMeta {
-                client_seq,
-                key_names: r.key_names.unwrap_or_default(),
-                table_version: r.table_version,
-                activate: r.action.as_deref() == Some(intake_core::staging::ACTIVATE_VERSION),
-            }),
+        // A record held back and gone by the second read was taken by another loader.
+        .filter_map(|r| {
+            Some(Staged {
+                seq: r.seq,
+                received_at: r.received_at,
+                record: r.record?,
+                stitch: r.client_seq.map(|client_seq| StitchMeta {
+                    client_seq,
+                    key_names: r.key_names.unwrap_or_default(),
+                    table_version: r.table_version,
+                    activate: r.action.as_deref() == Some(intake_core::staging::ACTIVATE_VERSION),
+                }),
+            })
         })
         .collect();
     Ok((chunk, available))
+}
+
+/// The records (only) of the given sequences of a table, as far as they are still staged.
+fn read_records(
+    conn: &mut Conn<'_>,
+    client_id: i64,
+    table: &str,
+    seqs: &[i64],
+) -> QueryResult<Vec<SeqRecord>> {
+    let (Some(&first), Some(&last)) = (seqs.iter().min(), seqs.iter().max()) else {
+        return Ok(Vec::new());
+    };
+    let d = conn.dialect();
+    let (range, params) = listed_seqs(d, client_id, table, first, last, seqs);
+    conn.load(
+        &format!("SELECT seq, record FROM staged_records WHERE {range}"),
+        params,
+    )
 }
 
 /// Removes a loaded range of a table's records. Called in the transaction that wrote them.
@@ -303,7 +337,7 @@ pub fn still_staged(
 }
 
 /// Removes the given staged records of a table (a share of a chunk, whose sequences are not
-/// one range). The range bound keeps the plan an index scan whatever the statistics say.
+/// one range).
 pub fn delete_seqs(
     conn: &mut Conn<'_>,
     client_id: i64,
@@ -313,7 +347,20 @@ pub fn delete_seqs(
     let (Some(&first), Some(&last)) = (seqs.iter().min(), seqs.iter().max()) else {
         return Ok(0);
     };
-    let d = conn.dialect();
+    let (range, params) = listed_seqs(conn.dialect(), client_id, table, first, last, seqs);
+    conn.execute(&format!("DELETE FROM staged_records WHERE {range}"), params)
+}
+
+/// The condition on `staged_records` that picks the listed sequences of a table, all within
+/// `first..=last`; the range bound keeps the plan an index scan whatever the statistics say.
+fn listed_seqs(
+    d: Dialect,
+    client_id: i64,
+    table: &str,
+    first: i64,
+    last: i64,
+    seqs: &[i64],
+) -> (String, Vec<Param>) {
     let (range, mut params) = seq_range(d, client_id, table, first, last);
     let listed = match d {
         Dialect::Postgres => {
@@ -327,10 +374,7 @@ pub fn delete_seqs(
             "seq IN (SELECT value FROM json_each(?5))"
         }
     };
-    conn.execute(
-        &format!("DELETE FROM staged_records WHERE {range} AND {listed}"),
-        params,
-    )
+    (format!("{range} AND {listed}"), params)
 }
 
 /// The records of a table with sequences in `first..=last` that are still staged.
