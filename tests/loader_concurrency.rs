@@ -1,12 +1,19 @@
 //! Several loaders at once: two `intake-loader run` processes started together over a staged
-//! backlog load every record exactly once, on SQLite and on PostgreSQL.
+//! backlog load every record exactly once, on SQLite and on PostgreSQL; and on PostgreSQL a
+//! pass keeps a table to itself from its first chunk to its last.
 
 mod support;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use intake_core::db::{DatabaseTarget, DbPool};
+use intake_core::settings::DatabaseSettings;
+use intake_loader::pass::{Event, run_pass};
+use intake_loader::queue::ChunkLimits;
 use serde_json::{Value, json};
+use support::faults::DirectDb;
 use support::{
     Backend, LoaderProcess, Server, TestDb, both_backends, issue_key, staged_rows, warehouse_count,
     warehouse_rows,
@@ -198,4 +205,73 @@ fn two_loaders_at_once_load_every_record_exactly_once(backend: Backend) {
         );
     }
     assert_eq!(warehouse_count(&db, CLIENT, "_intake_rejected"), 0);
+}
+
+/// PostgreSQL: a pass holds a table's load lock from its first chunk to its last, so no other
+/// loader takes the table between two chunks (which is why the pass may use a chunk it read
+/// ahead without checking that it is still staged), and frees it when it is done, although
+/// its pooled connections stay open. A table whose lock another session holds is skipped and
+/// its records stay staged.
+#[test]
+fn a_pass_holds_its_table_from_first_chunk_to_last_on_postgres() {
+    let db = TestDb::new(Backend::Postgres);
+    let server = Server::start(&db, &[]);
+    let (_, key) = issue_key(&db, CLIENT, "held");
+    let push = |ids: std::ops::Range<i64>| {
+        let body: Vec<Value> = ids.map(|id| record("held", id, id)).collect();
+        server
+            .push(CLIENT, "held", &key, &Value::Array(body).to_string())
+            .assert_created();
+    };
+    push(1..31);
+    let settings = DatabaseSettings {
+        url: db.url.clone(),
+        pool_size: 4,
+        checkout_timeout_ms: 10_000,
+        statement_timeout_ms: 30_000,
+        migrate_on_start: false,
+    };
+    let target = DatabaseTarget::parse(&db.url).expect("a database URL");
+    let pool = DbPool::single(&target, &settings).expect("a pool");
+    let limits = ChunkLimits {
+        records: 5,
+        bytes: 1 << 20,
+        writers: 2,
+    };
+    let stop = AtomicBool::new(false);
+    let mut other = DirectDb::open(&db);
+    let lock = format!("hashtext('intake.load'), hashtext('{CLIENT}/held')");
+    let try_lock = format!(
+        "SELECT CAST(CASE WHEN pg_try_advisory_lock({lock}) THEN 1 ELSE 0 END AS BIGINT) AS n"
+    );
+    let unlock = format!("SELECT pg_advisory_unlock({lock})");
+
+    // Another session tries the lock after every chunk: never free while the pass runs.
+    let mut tries = Vec::new();
+    let report = run_pass(&pool, limits, &stop, &mut |event| {
+        if let Event::Chunk { .. } = event {
+            tries.push(other.count(&try_lock));
+        }
+    })
+    .expect("a pass");
+    assert_eq!(report.tables.len(), 1);
+    assert_eq!(report.tables[0].loaded, 30, "{:?}", report.tables[0]);
+    assert!(tries.len() >= 6, "chunks of 5: {tries:?}");
+    assert!(
+        tries.iter().all(|&t| t == 0),
+        "taken between chunks: {tries:?}"
+    );
+    assert!(staged_rows(&db).is_empty());
+    assert_eq!(warehouse_count(&db, CLIENT, "held"), 30);
+
+    // Free after the pass; held by the other session, the next pass leaves the table alone.
+    assert_eq!(other.count(&try_lock), 1, "the lock is free after the pass");
+    push(31..36);
+    let report = run_pass(&pool, limits, &stop, &mut |_| {}).expect("a pass");
+    assert!(report.tables[0].skipped_busy, "{:?}", report.tables[0]);
+    assert_eq!(staged_rows(&db).len(), 5);
+    other.exec(&unlock);
+    let report = run_pass(&pool, limits, &stop, &mut |_| {}).expect("a pass");
+    assert_eq!(report.tables[0].loaded, 5, "{:?}", report.tables[0]);
+    assert_eq!(warehouse_count(&db, CLIENT, "held"), 35);
 }

@@ -10,7 +10,7 @@ use diesel::sql_types::{BigInt, Nullable, Text};
 use rustc_hash::FxHashMap;
 
 use crate::dialect::Dialect;
-use crate::sql::{Conn, I64Row, Moment, Param};
+use crate::sql::{Conn, Moment, Param};
 
 /// A record waiting in staging.
 #[derive(Debug, Clone, Default)]
@@ -314,26 +314,6 @@ fn seq_range(
             Param::Int(Some(last)),
         ],
     )
-}
-
-/// Whether all of `chunk` (records read earlier, in sequence order) is still staged: no
-/// other loader has taken any of them since. Records cannot join the range later, as
-/// sequences are given in commit order.
-pub fn still_staged(
-    conn: &mut Conn<'_>,
-    client_id: i64,
-    table: &str,
-    chunk: &[Staged],
-) -> QueryResult<bool> {
-    let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
-        return Ok(true);
-    };
-    let (range, params) = seq_range(conn.dialect(), client_id, table, first.seq, last.seq);
-    let rows: Vec<I64Row> = conn.load(
-        &format!("SELECT COUNT(*) AS v FROM staged_records WHERE {range}"),
-        params,
-    )?;
-    Ok(rows.first().map(|r| r.v) == Some(chunk.len() as i64))
 }
 
 /// Removes the given staged records of a table (a share of a chunk, whose sequences are not
