@@ -111,11 +111,31 @@ struct SeqRecord {
 }
 
 /// Every (client, table) with records waiting.
+///
+/// On PostgreSQL by stepping through the primary key's index from one table to the next (one
+/// probe per table) rather than reading every staged record: with 200,000 records pending the
+/// `DISTINCT` took 30–55 ms, this 1 ms, and a backlog made every pass start with it. SQLite
+/// reads its covering index whole (13 ms for 200,000 records): its row-value comparison does
+/// not bound an index search on both columns, so the same steps would read more.
 pub fn pending_tables(conn: &mut Conn<'_>) -> QueryResult<Vec<(i64, String)>> {
-    let rows: Vec<PendingTable> = conn.load(
-        "SELECT DISTINCT client_id, table_name FROM staged_records ORDER BY client_id, table_name",
-        &[],
-    )?;
+    let sql = match conn.dialect() {
+        Dialect::Postgres => {
+            "WITH RECURSIVE pending AS ( \
+               (SELECT client_id, table_name FROM staged_records \
+                ORDER BY client_id, table_name LIMIT 1) \
+               UNION ALL \
+               SELECT next.client_id, next.table_name FROM pending AS p, LATERAL ( \
+                 SELECT s.client_id, s.table_name FROM staged_records AS s \
+                 WHERE (s.client_id, s.table_name) > (p.client_id, p.table_name) \
+                 ORDER BY s.client_id, s.table_name LIMIT 1) AS next) \
+             SELECT client_id, table_name FROM pending ORDER BY client_id, table_name"
+        }
+        Dialect::Sqlite => {
+            "SELECT DISTINCT client_id, table_name FROM staged_records \
+             ORDER BY client_id, table_name"
+        }
+    };
+    let rows: Vec<PendingTable> = conn.load(sql, &[])?;
     Ok(rows
         .into_iter()
         .map(|r| (r.client_id, r.table_name))
