@@ -21,6 +21,7 @@ both_backends!(
     a_large_chunk_loads_alike_with_one_writer_or_two,
     a_schema_that_grows_chunk_by_chunk_loads_alike_with_or_without_read_ahead,
     a_database_error_in_a_shared_chunk_rejects_only_the_record_at_fault,
+    a_share_that_fails_holds_up_no_later_chunk_and_reorders_no_version,
     a_chunk_holds_no_more_bytes_than_configured,
     records_read_apart_for_their_size_load_whole,
     child_rows_left_by_a_root_deleted_by_hand_do_not_block_its_next_version,
@@ -2842,13 +2843,82 @@ fn a_large_chunk_loads_alike_with_one_writer_or_two(backend: Backend) {
 
 /// A record the database refuses, in a chunk written by two connections at once: only that
 /// record is rejected, whichever share it fell in; the other share's rows are loaded once.
+/// Helpers go on to later chunks while the loader's own connection writes its share, so on
+/// PostgreSQL a share can fail after later chunks were handed out: its records, and any
+/// share given to the same helper after it, must still load (the one at fault rejected),
+/// and a key's later version, in a later chunk, must win over its earlier one.
+fn a_share_that_fails_holds_up_no_later_chunk_and_reorders_no_version(backend: Backend) {
+    let db = TestDb::new(backend);
+    let (server, key) = start(&db);
+    let tables = [
+        ("lines", 17),
+        ("lines_b", 18),
+        ("lines_c", 19),
+        ("lines_d", 20),
+    ];
+    for (table, _) in tables {
+        push(
+            &server,
+            &key,
+            table,
+            &[json!({"id": 0, "keys": ["id"], "n": 0, "v": 0, "items": [0]})],
+        );
+    }
+    load(&db);
+    for (table, _) in tables {
+        refuse_n_from(&db, table, 1000);
+    }
+    // Two versions of 2,500 keys, in chunks of 1,000: the failing record (version 1 of its
+    // key) is in the first chunk, its key's version 2 in the fourth.
+    for (table, bad) in tables {
+        let records: Vec<Value> = (1..=2)
+            .flat_map(|v| (1..=2500).map(move |id| (v, id)))
+            .map(|(v, id)| {
+                let n = if (v, id) == (1, bad) { 5000 } else { id % 1000 };
+                json!({"id": id, "keys": ["id"], "n": n, "v": v, "items": [id, v]})
+            })
+            .collect();
+        push(&server, &key, table, &records);
+    }
+    let out = run_loader(&db, &["run", "--chunk-size", "1000"]);
+    out.assert_success();
+    assert_staging_empty(&db);
+    for (table, _) in tables {
+        let line = format!("client {CLIENT} table {table}: loaded 4999 records, rejected 1");
+        assert!(
+            out.stderr.lines().any(|l| l.ends_with(&line)),
+            "expected {line:?} in:\n{}",
+            out.stderr
+        );
+        let loaded: Vec<(i64, i64)> = rows(&db, table, "\"id\"")
+            .iter()
+            .map(|r| {
+                (
+                    r["id"].as_i64().unwrap_or(-1),
+                    r["v"].as_i64().unwrap_or(-1),
+                )
+            })
+            .collect();
+        let expected: Vec<(i64, i64)> = std::iter::once((0, 0))
+            .chain((1..=2500).map(|id| (id, 2)))
+            .collect();
+        assert_eq!(loaded, expected, "{table}: every key at its last version");
+        assert_eq!(
+            warehouse_count(&db, CLIENT, &format!("{table}__items")),
+            1 + 2 * 2500,
+            "{table}: the child rows of the last versions only"
+        );
+    }
+    assert_eq!(rows(&db, "_intake_rejected", "\"seq\"").len(), tables.len());
+}
+
 fn a_database_error_in_a_shared_chunk_rejects_only_the_record_at_fault(backend: Backend) {
     let db = TestDb::new(backend);
     let (server, key) = start(&db);
-    // On PostgreSQL the chunk is written in two shares. When the failing record is in the
-    // share the loader's own transaction writes, the other share commits before the chunk
-    // fails; when it is in the other share, nothing commits. The four tables put it in
-    // different shares (the share is a hash of the key), so both cases run.
+    // On PostgreSQL the chunk is written in two shares, each in a transaction of its own: the
+    // share without the failing record commits, whichever connection wrote it. The four
+    // tables put the failing record in different shares (the share is a hash of the key), so
+    // both the loader's own connection and its helper meet a failure.
     let tables = [
         ("orders", 777),
         ("orders_b", 778),

@@ -17,6 +17,7 @@ use intake_loader::load_chunk::{
 };
 use intake_loader::pass::conn_of;
 use intake_loader::queue::{ChunkLimits, read_chunk};
+use intake_loader::share_writers::ShareWriters;
 use intake_loader::sql::{Conn, in_transaction};
 use serde_json::{Value, json};
 use support::{
@@ -158,11 +159,10 @@ fn load_one_chunk(
         };
         let outcome = load_chunk(
             c,
-            &mut [],
+            &mut ShareWriters::none(),
             (CLIENT, table),
             &chunk,
             prepared,
-            &mut 0,
             ChunkOptions::default(),
         )?;
         Ok((outcome, chunk.len()))

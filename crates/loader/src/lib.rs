@@ -20,6 +20,7 @@ pub mod pg_array;
 pub mod pg_copy;
 pub mod queue;
 pub mod schema_types;
+pub mod share_writers;
 pub mod sql;
 pub mod status;
 pub mod value_types;

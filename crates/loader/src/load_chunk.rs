@@ -4,6 +4,7 @@
 //! the chunk from staging and note the load in the history.
 
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,8 @@ use crate::identifiers::quote;
 use crate::paths::{ArrayId, PathId, Paths, ROOT};
 use crate::queue::{self, Staged};
 use crate::schema_types::SchemaTypes;
-use crate::sql::{Conn, I64Row, Param, in_transaction};
+use crate::share_writers::{ShareJob, ShareWriters};
+use crate::sql::{Conn, I64Row, Param};
 use crate::value_types::{Cell, ColType};
 
 /// What one chunk did.
@@ -45,7 +47,7 @@ struct Accepted<'a> {
 /// holds one entry per row; a data column ends at the last row that had a value in it and is
 /// padded with NULLs when written.
 #[derive(Default)]
-struct TableRows {
+pub(crate) struct TableRows {
     /// The table's key in the catalog (its array path).
     table_key: String,
     /// Data columns by index, in the order this chunk met them.
@@ -280,20 +282,19 @@ pub struct ChunkOptions {
 }
 
 /// Loads `chunk` (in sequence order) for one table. Runs in the caller's transaction;
-/// `helpers` (idle connections, PostgreSQL) may each write a share of a large chunk in a
-/// transaction of their own (see `write_in_parallel`).
+/// `writers`' helper connections (PostgreSQL) may each write a share of a large chunk in a
+/// transaction of their own, and may still be writing when this returns (see
+/// [`ShareWriters`]): the outcome counts only what the caller's transaction wrote.
 /// An activate_version marker splits the chunk: the records before it are loaded, then the
 /// table's older versions are removed, then the records after it are loaded.
-/// `prepared` holds the chunk parsed (or placed) in order. `helper_commits` grows by the
-/// records whose shares helpers committed: they stay loaded if the chunk then fails.
+/// `prepared` holds the chunk parsed (or placed) in order.
 /// `options` says where to send the catalog for the next chunk and whether this is a salvage.
 pub fn load_chunk(
     conn: &mut Conn<'_>,
-    helpers: &mut [Conn<'_>],
+    writers: &mut ShareWriters,
     (client_id, table): (i64, &str),
     chunk: &[Staged],
     prepared: Prepared,
-    helper_commits: &mut usize,
     options: ChunkOptions,
 ) -> QueryResult<ChunkOutcome> {
     let ChunkOptions {
@@ -319,7 +320,7 @@ pub fn load_chunk(
                     next_catalog: next_catalog.as_ref(),
                     salvaging,
                 };
-                return write_placed(conn, helpers, writing, placed, helper_commits);
+                return write_placed(conn, writers, writing, placed);
             }
             // The schema moved since (another loader, or a chunk that failed): place anew.
             log::debug!("client {client_id} table {table}: chunk placed ahead is placed again");
@@ -327,12 +328,15 @@ pub fn load_chunk(
         }
     };
     // A marker's deletes hold row locks in the caller's transaction that a helper could wait
-    // on while the caller waits for the helper: such a chunk is written by one connection.
+    // on while the caller waits for the helper: such a chunk is written by one connection,
+    // after the helpers have finished what they were given.
     let has_markers = chunk.iter().any(Staged::is_activation);
-    let (helpers, next_catalog) = if has_markers {
-        (&mut [][..], None)
+    let mut alone = ShareWriters::none();
+    let (writers, next_catalog) = if has_markers {
+        writers.settle()?;
+        (&mut alone, None)
     } else {
-        (helpers, next_catalog)
+        (writers, next_catalog)
     };
     let mut outcome = ChunkOutcome::default();
     let mut rest = chunk;
@@ -351,7 +355,7 @@ pub fn load_chunk(
         let started = Instant::now();
         let (catalog, altered) = current_catalog(conn, client_id, table)?;
         upgraded |= altered;
-        let placed = place_records(catalog, records, &paths, parsed, helpers.len())?;
+        let placed = place_records(catalog, records, &paths, parsed, writers.count())?;
         let writing = WriteChunk {
             ids: (client_id, table),
             chunk: records,
@@ -361,7 +365,7 @@ pub fn load_chunk(
             next_catalog: next_catalog.as_ref(),
             salvaging,
         };
-        let done = write_placed(conn, helpers, writing, placed, helper_commits)?;
+        let done = write_placed(conn, writers, writing, placed)?;
         outcome.loaded += done.loaded;
         outcome.rejected += done.rejected;
         rest = after;
@@ -642,14 +646,14 @@ struct WriteChunk<'a, 'c> {
     salvaging: bool,
 }
 
-/// Makes a placed chunk's schema changes, then writes its shares (at once where helpers
-/// can), its rejections, its staging delete and its history row.
+/// Makes a placed chunk's schema changes, then writes its shares (handing all but the first
+/// to the helpers where they can take them, see [`ShareWriters`]), its rejections, its
+/// staging delete and its history row.
 fn write_placed(
     conn: &mut Conn<'_>,
-    helpers: &mut [Conn<'_>],
+    writers: &mut ShareWriters,
     writing: WriteChunk<'_, '_>,
     placed: PlacedChunk,
-    helper_commits: &mut usize,
 ) -> QueryResult<ChunkOutcome> {
     let WriteChunk {
         ids: (client_id, table),
@@ -676,69 +680,77 @@ fn write_placed(
         .collect();
     let t_place = started.elapsed();
     let shares = parts.len();
-    // Helpers cannot see (and would wait on) tables and columns this transaction creates.
-    let parallel = parts.len() > 1 && catalog.ddl.is_empty() && !upgraded;
+    // Helpers cannot see (and would wait on) tables and columns this transaction creates;
+    // and share i + 1 goes to helper i only while every chunk has one share per connection.
+    let parallel =
+        shares > 1 && shares == writers.count() + 1 && catalog.ddl.is_empty() && !upgraded;
+    if !parallel {
+        writers.settle()?;
+    }
     catalog.apply_ddl(conn)?;
     if let Some(next) = next_catalog {
         // The next chunk is placed against this while this chunk is written. Not sent
         // again: a receiver that is gone just means nobody reads ahead.
         let _ = next.send(catalog.clone());
     }
+    let catalog = Arc::new(catalog);
+    let pre_existing = Arc::new(pre_existing);
+    let loaded_at = Val::Time(intake_core::timestamps::now());
     let writing = Writing {
         catalog: &catalog,
         pre_existing: &pre_existing,
-        loaded_at: Val::Time(intake_core::timestamps::now()),
+        loaded_at: loaded_at.clone(),
         salvaging,
     };
-    let history = |conn: &mut Conn<'_>, seqs: &[i64], loaded: usize, rejected: usize| {
-        let (first, last) = (seqs.iter().min(), seqs.iter().max());
-        match (first, last) {
-            (Some(&first), Some(&last)) => record_history(
-                conn,
-                client_id,
-                table,
-                started_at,
-                started.elapsed().as_millis() as i64,
-                loaded,
-                rejected,
-                (first, last),
-                None,
-            ),
-            _ => Ok(()),
-        }
-    };
+    let mut parts = parts.into_iter();
+    let mut seqs = Vec::new();
+    let mut loaded = accepted;
     if parallel {
-        let finish = |c: &mut Conn<'_>, seqs: &[i64]| {
-            queue::delete_seqs(c, client_id, table, seqs)?;
-            history(c, seqs, seqs.len(), 0)
-        };
-        // The first share's staging delete and history (and the chunk's rejections) run
-        // while the helpers may still be writing, not after them.
-        let finish_mine = |c: &mut Conn<'_>, mine: &[i64]| {
-            record_rejections(c, client_id, table, &rejected)?;
-            let mut seqs = mine.to_vec();
-            seqs.extend(rejected.iter().map(|(s, _)| s.seq));
-            queue::delete_seqs(c, client_id, table, &seqs)?;
-            history(c, &seqs, mine.len(), rejected.len())
-        };
-        write_in_parallel(
-            conn,
-            helpers,
-            &writing,
-            parts,
-            helper_commits,
-            finish,
-            finish_mine,
-        )?;
+        let mine = parts.next().unwrap_or_default();
+        for (helper, share) in parts.by_ref().enumerate() {
+            let job = ShareJob {
+                client_id,
+                table: table.to_owned(),
+                share,
+                catalog: Arc::clone(&catalog),
+                pre_existing: Arc::clone(&pre_existing),
+                loaded_at: loaded_at.clone(),
+                started_at,
+                started,
+                epoch: 0,
+            };
+            writers.send(helper, job)?;
+        }
+        loaded = mine.seqs.len();
+        seqs = mine.seqs;
+        write_share(conn, &writing, mine.root, mine.children)?;
     } else {
         for part in parts {
             write_share(conn, &writing, part.root, part.children)?;
         }
-        record_rejections(conn, client_id, table, &rejected)?;
         if let (Some(first), Some(last)) = (chunk.first(), chunk.last()) {
-            queue::delete_range(conn, client_id, table, first.seq, last.seq)?;
-            history(conn, &[first.seq, last.seq], accepted, rejected.len())?;
+            seqs = vec![first.seq, last.seq];
         }
+    }
+    record_rejections(conn, client_id, table, &rejected)?;
+    if parallel {
+        seqs.extend(rejected.iter().map(|(s, _)| s.seq));
+        queue::delete_seqs(conn, client_id, table, &seqs)?;
+    } else if let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) {
+        queue::delete_range(conn, client_id, table, first, last)?;
+    }
+    if let (Some(&first), Some(&last)) = (seqs.iter().min(), seqs.iter().max()) {
+        record_history(
+            conn,
+            client_id,
+            table,
+            started_at,
+            started.elapsed().as_millis() as i64,
+            loaded,
+            rejected.len(),
+            (first, last),
+            None,
+        )?;
     }
     log::debug!(
         "chunk of {}: key checks {checks:?}, place {placing:?}{}, write {:?} ({} shares{})",
@@ -746,10 +758,14 @@ fn write_placed(
         if ahead { " (ahead)" } else { "" },
         started.elapsed() - t_place,
         shares,
-        if parallel { ", in parallel" } else { "" },
+        if parallel {
+            ", the others handed to helpers"
+        } else {
+            ""
+        },
     );
     Ok(ChunkOutcome {
-        loaded: accepted,
+        loaded,
         rejected: rejected.len(),
     })
 }
@@ -819,20 +835,20 @@ impl Hash for KeyOf<'_> {
 /// The rows of the keys one share holds (the root table's, and the child tables' by array
 /// path), and the staged records they came from (including ones superseded within the chunk).
 #[derive(Default)]
-struct Share {
-    root: TableRows,
-    children: FxHashMap<ArrayId, TableRows>,
-    seqs: Vec<i64>,
+pub(crate) struct Share {
+    pub root: TableRows,
+    pub children: FxHashMap<ArrayId, TableRows>,
+    pub seqs: Vec<i64>,
 }
 
 /// What every share's writes need.
-struct Writing<'a> {
-    catalog: &'a Catalog,
+pub(crate) struct Writing<'a> {
+    pub catalog: &'a Catalog,
     /// Tables (by array path) that existed before this chunk: only they can hold old rows.
-    pre_existing: &'a [String],
-    loaded_at: Val,
+    pub pre_existing: &'a [String],
+    pub loaded_at: Val,
     /// See [`ChunkOptions::salvaging`].
-    salvaging: bool,
+    pub salvaging: bool,
 }
 
 /// Writes one share: writes its root rows, removes the old child rows of the roots that
@@ -841,7 +857,7 @@ struct Writing<'a> {
 /// up first, and rows whose key is not stored are inserted without `ON CONFLICT` (its
 /// speculative insertion costs more than the lookup) and have no old child rows to remove,
 /// unless the chunk is salvaged (see [`ChunkOptions::salvaging`]).
-fn write_share(
+pub(crate) fn write_share(
     conn: &mut Conn<'_>,
     writing: &Writing<'_>,
     root_rows: TableRows,
@@ -995,89 +1011,12 @@ fn split_by_stored_key(
     Ok(rows.split(&stored))
 }
 
-/// Writes the shares at once: the caller's connection takes the first, in the caller's
-/// transaction, and each helper connection the next, in a transaction of its own; after that
-/// whichever connection is free takes the next share left, so that one that drew lighter
-/// shares (or more CPU) is not left idle while another still writes. Each connection then
-/// `finish`es what it wrote in its transaction (takes the records out of staging and notes
-/// them in the history), so that every connection's shares commit whole or not at all.
-/// Shares hold disjoint keys, so they never wait for one another. The helpers commit before
-/// this returns, within the caller's hold of the table's load lock; if any fails, so does the
-/// chunk, and the shares already committed are simply no longer staged (`helper_commits`
-/// grows by their records). The caller's connection finishes its shares with `finish_mine`
-/// as soon as no share is left, while the helpers may still be writing theirs.
-fn write_in_parallel(
-    conn: &mut Conn<'_>,
-    helpers: &mut [Conn<'_>],
-    writing: &Writing<'_>,
-    shares: Vec<Share>,
-    helper_commits: &mut usize,
-    finish: impl Fn(&mut Conn<'_>, &[i64]) -> QueryResult<()> + Sync,
-    finish_mine: impl FnOnce(&mut Conn<'_>, &[i64]) -> QueryResult<()>,
-) -> QueryResult<()> {
-    let mut shares = shares.into_iter();
-    let Some(mine) = shares.next() else {
-        return Ok(());
-    };
-    let others: Vec<Share> = shares.by_ref().take(helpers.len()).collect();
-    let left = std::sync::Mutex::new(shares);
-    let next = || left.lock().ok().and_then(|mut left| left.next());
-    // Writes `first`, then shares left as long as there are any; the sequences written.
-    let write_shares = |c: &mut Conn<'_>, first: Share| -> QueryResult<Vec<i64>> {
-        let mut seqs = Vec::new();
-        let mut share = Some(first);
-        while let Some(Share {
-            root,
-            children,
-            seqs: mut written,
-        }) = share
-        {
-            write_share(c, writing, root, children)?;
-            seqs.append(&mut written);
-            share = next();
-        }
-        Ok(seqs)
-    };
-    let (finish, write_shares) = (&finish, &write_shares);
-    std::thread::scope(|scope| {
-        let running: Vec<_> = others
-            .into_iter()
-            .zip(helpers.iter_mut())
-            .map(|(share, helper)| {
-                scope.spawn(move || {
-                    in_transaction(helper, |c| {
-                        helper_session(c)?;
-                        let seqs = write_shares(c, share)?;
-                        finish(c, &seqs)?;
-                        Ok(seqs.len())
-                    })
-                })
-            })
-            .collect();
-        let written = write_shares(conn, mine).and_then(|seqs| finish_mine(conn, &seqs));
-        let joined: Vec<QueryResult<usize>> = running
-            .into_iter()
-            .map(|handle| {
-                handle.join().unwrap_or_else(|_| {
-                    Err(diesel::result::Error::QueryBuilderError(
-                        "a writer thread panicked".into(),
-                    ))
-                })
-            })
-            .collect();
-        *helper_commits += joined.iter().flatten().sum::<usize>();
-        written?;
-        joined.into_iter().collect::<QueryResult<Vec<usize>>>()
-    })?;
-    Ok(())
-}
-
 /// A helper's transaction settings: no synchronous commit, as for the caller's (the share's
 /// rows and its staging delete commit together). A helper can only wait on the caller, which
-/// waits for it, through someone else's lock queued between them (an ALTER TABLE by hand,
-/// say); the session's statement and lock timeouts (`database.statement_timeout_ms`) end that
-/// as a retryable error.
-fn helper_session(conn: &mut Conn<'_>) -> QueryResult<()> {
+/// may be waiting for it to settle, through someone else's lock queued between them (an ALTER
+/// TABLE by hand, say); the session's statement and lock timeouts
+/// (`database.statement_timeout_ms`) end that as a retryable error.
+pub(crate) fn helper_session(conn: &mut Conn<'_>) -> QueryResult<()> {
     conn.execute("SET LOCAL synchronous_commit = off", [])?;
     Ok(())
 }

@@ -18,6 +18,7 @@ use crate::load_chunk::{
     record_history, record_rejections,
 };
 use crate::queue::{self, ChunkLimits, Staged};
+use crate::share_writers::ShareWriters;
 use crate::sql::{BoolRow, Conn, Param, in_transaction};
 
 /// The result of loading one table in a pass.
@@ -247,16 +248,38 @@ fn load_table(
             return;
         }
     }
-    load_chunks(conns, result, limits, stop, progress);
+    let Connections {
+        main,
+        reader,
+        helpers,
+    } = conns;
+    std::thread::scope(|scope| {
+        let mut writers = ShareWriters::start(scope, helpers);
+        let mut conns = ChunkConnections {
+            main,
+            reader: reader.as_deref_mut(),
+            writers: &mut writers,
+        };
+        load_chunks(&mut conns, result, limits, stop, progress);
+    });
     if let Err(e) = release_table(conns.main, client_id, &table) {
         // A connection that broke has released it with its session.
         log::warn!("releasing the load lock of client {client_id} table {table} failed: {e}");
     }
 }
 
-/// Loads chunks until the table is caught up, fails or `stop` is set.
+/// The connections loading one table's chunks: the helpers are behind `writers`.
+struct ChunkConnections<'c, 'a> {
+    main: &'c mut Conn<'a>,
+    reader: Option<&'c mut Conn<'a>>,
+    writers: &'c mut ShareWriters,
+}
+
+/// Loads chunks until the table is caught up, fails or `stop` is set. A failure (of the main
+/// connection's transaction or of a helper's share) sends the oldest staged records through
+/// [`salvage`], and the pass goes on from the oldest record still staged.
 fn load_chunks(
-    conns: &mut Connections<'_, '_>,
+    conns: &mut ChunkConnections<'_, '_>,
     result: &mut TableReport,
     limits: ChunkLimits,
     stop: &AtomicBool,
@@ -269,71 +292,83 @@ fn load_chunks(
         limits,
         from: i64::MIN,
         ahead: None,
-        helper_commits: 0,
     };
     loop {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let Connections {
+        let ChunkConnections {
             main,
             reader,
-            helpers,
+            writers,
         } = conns;
-        let step = in_transaction(main, |c| {
-            if !lock_table(c, client_id, &table)? {
-                return Ok(Step::Busy);
-            }
-            cursor.load_next(c, reader.as_deref_mut(), helpers)
-        });
+        let step = if stop.load(Ordering::Relaxed) {
+            Ok(Step::Done)
+        } else {
+            in_transaction(main, |c| {
+                if !lock_table(c, client_id, &table)? {
+                    return Ok(Step::Busy);
+                }
+                cursor.load_next(c, reader.as_deref_mut(), writers)
+            })
+        };
         let conn = &mut **main;
+        let mut last = true;
+        let mut failure = None;
         match step {
-            Ok(Step::Busy) => {
-                result.skipped_busy = true;
-                return;
-            }
-            Ok(Step::Done) => return,
-            Ok(Step::Loaded(outcome, n, first, last, more)) => {
+            Ok(Step::Busy) => result.skipped_busy = true,
+            Ok(Step::Done) => {}
+            Ok(Step::Loaded(outcome, n, first, end, more)) => {
                 result.loaded += outcome.loaded;
                 result.rejected += outcome.rejected;
                 progress(Event::Chunk { records: n });
-                log::debug!("client {client_id} table {table}: loaded seq {first}..={last}");
-                cursor.from = last.saturating_add(1);
-                if !more {
-                    // Caught up; records arriving now wait for the next pass.
-                    return;
-                }
+                log::debug!("client {client_id} table {table}: loaded seq {first}..={end}");
+                cursor.from = end.saturating_add(1);
+                // Caught up otherwise; records arriving now wait for the next pass.
+                last = !more;
             }
-            Err(e) => {
-                // Shares that helper connections committed stay loaded (and out of staging).
-                result.loaded += std::mem::take(&mut cursor.helper_commits);
-                if crate::sql::ping(conn).is_err() {
-                    result.error = Some(format!("database unavailable: {e}"));
-                    return;
-                }
-                if is_transient(&e) {
-                    // Lock or statement timeouts, deadlocks, a busy SQLite file: nothing is
-                    // wrong with the records, so they stay staged for the next pass.
-                    result.error = Some(format!("database busy, will retry next pass: {e}"));
-                    return;
-                }
-                log::warn!(
-                    "loading client {client_id} table {table} failed ({e}); isolating the records at fault"
-                );
-                match salvage(conn, client_id, &table, limits, &e.to_string()) {
-                    Ok(Some((outcome, n))) => {
-                        result.loaded += outcome.loaded;
-                        result.rejected += outcome.rejected;
-                        progress(Event::Chunk { records: n });
-                    }
-                    Ok(None) => return,
-                    Err(e2) => {
-                        result.error = Some(e2.to_string());
-                        return;
-                    }
-                }
+            Err(e) => failure = Some(e),
+        }
+        // A helper's failure is a chunk's failure; and before the pass leaves the table every
+        // share handed out must have been written (or not).
+        let helpers = if last || failure.is_some() {
+            writers.settle()
+        } else {
+            writers.failed()
+        };
+        // Shares that helpers committed stay loaded (and out of staging) whatever follows.
+        result.loaded += writers.take_committed();
+        let Some(e) = failure.or(helpers.err()) else {
+            if last {
+                return;
+            }
+            continue;
+        };
+        if crate::sql::ping(conn).is_err() {
+            result.error = Some(format!("database unavailable: {e}"));
+            return;
+        }
+        if is_transient(&e) {
+            // Lock or statement timeouts, deadlocks, a busy SQLite file: nothing is wrong
+            // with the records, so they stay staged for the next pass.
+            result.error = Some(format!("database busy, will retry next pass: {e}"));
+            return;
+        }
+        log::warn!(
+            "loading client {client_id} table {table} failed ({e}); isolating the records at fault"
+        );
+        match salvage(conn, client_id, &table, limits, &e.to_string()) {
+            Ok(Some((outcome, n))) => {
+                result.loaded += outcome.loaded;
+                result.rejected += outcome.rejected;
+                progress(Event::Chunk { records: n });
+            }
+            Ok(None) => return,
+            Err(e2) => {
+                result.error = Some(e2.to_string());
+                return;
             }
         }
+        // A helper that failed left its share, and any it was given after it, staged below
+        // where the main connection got to.
+        cursor.from = i64::MIN;
     }
 }
 
@@ -346,9 +381,6 @@ struct TableCursor<'t> {
     from: i64,
     /// The next chunk, if it was read while the one before it was written.
     ahead: Option<Ahead>,
-    /// Records of the current chunk that helper connections committed in their own
-    /// transactions: loaded even if the chunk then fails (see `load_chunk`).
-    helper_commits: usize,
 }
 
 impl TableCursor<'_> {
@@ -358,9 +390,8 @@ impl TableCursor<'_> {
         &mut self,
         conn: &mut Conn<'_>,
         reader: Option<&mut Conn<'_>>,
-        helpers: &mut [Conn<'_>],
+        writers: &mut ShareWriters,
     ) -> QueryResult<Step> {
-        self.helper_commits = 0;
         let (client_id, table, limits) = (self.client_id, self.table, self.limits);
         let reading = std::time::Instant::now();
         let Ahead {
@@ -379,7 +410,7 @@ impl TableCursor<'_> {
             return Ok(Step::Done);
         };
         let next = last.saturating_add(1);
-        let helper_count = helpers.len();
+        let helper_count = writers.count();
         let (outcome, read_ahead) = std::thread::scope(|scope| {
             let (catalog_out, catalog_in) = std::sync::mpsc::channel();
             let reading = match (more, reader) {
@@ -392,11 +423,10 @@ impl TableCursor<'_> {
             let catalog_out = reading.as_ref().map(|_| catalog_out);
             let outcome = load_chunk(
                 conn,
-                helpers,
+                writers,
                 (client_id, table),
                 &chunk,
                 prepared,
-                &mut self.helper_commits,
                 ChunkOptions {
                     next_catalog: catalog_out,
                     salvaging: false,
@@ -470,11 +500,10 @@ fn load_split(
         let parsed = Prepared::Parsed(parse_chunk(c, client_id, table, &records)?);
         load_chunk(
             c,
-            &mut [],
+            &mut ShareWriters::none(),
             (client_id, table),
             &records,
             parsed,
-            &mut 0,
             ChunkOptions {
                 next_catalog: None,
                 salvaging: true,
