@@ -48,7 +48,7 @@ enum Scenario {
         /// Records to stage (about 20% are updates of earlier keys).
         #[arg(long, default_value_t = 200_000)]
         records: usize,
-        /// Records per loader chunk; default: the loader's for the backend (10000 on
+        /// Records per loader chunk; default: the loader's for the backend (20000 on
         /// PostgreSQL, 5000 on SQLite).
         #[arg(long)]
         chunk_size: Option<usize>,
