@@ -682,6 +682,8 @@ fn write_placed(
     let shares = parts.len();
     // Helpers cannot see (and would wait on) tables and columns this transaction creates;
     // and share i + 1 goes to helper i only while every chunk has one share per connection.
+    // (A root table is upgraded only by its first chunk in a process, before any share of
+    // its was handed out, so no helper can be waiting on that ALTER while this settles.)
     let parallel =
         shares > 1 && shares == writers.count() + 1 && catalog.ddl.is_empty() && !upgraded;
     if !parallel {
@@ -717,7 +719,6 @@ fn write_placed(
                 loaded_at: loaded_at.clone(),
                 started_at,
                 started,
-                epoch: 0,
             };
             writers.send(helper, job)?;
         }

@@ -2,7 +2,7 @@
 //! transaction of its own while the main connection goes on with its share and then its next
 //! chunk. A chunk's shares cost different times (PostgreSQL's own pace varies by tens of
 //! milliseconds from share to share); when every connection waited for the slowest at the end
-//! of each chunk, one core idled for about a fifth of each chunk's write.
+//! of each chunk, one core idled for up to a fifth of each chunk's write.
 //!
 //! A key always falls in the same share, and share `i + 1` always goes to helper `i`, so
 //! each key's versions are still written in order, by one connection; a helper is at most two
@@ -35,13 +35,15 @@ pub(crate) struct ShareJob {
     /// When the chunk's write began, for its history row.
     pub started_at: chrono::DateTime<chrono::Utc>,
     pub started: Instant,
-    /// How many failures the main connection had taken note of when it sent this.
-    pub epoch: u64,
 }
+
+/// A share as a helper receives it: with how many failures the main connection had taken
+/// note of when it sent it (see [`write_shares`]).
+type Sent = (ShareJob, u64);
 
 /// The helpers' queues, and what they report back.
 pub struct ShareWriters {
-    queues: Vec<SyncSender<ShareJob>>,
+    queues: Vec<SyncSender<Sent>>,
     reports: Receiver<QueryResult<usize>>,
     /// Shares sent and not yet reported on.
     outstanding: usize,
@@ -98,10 +100,13 @@ impl ShareWriters {
     }
 
     /// Hands `job` to helper `helper`, waiting while that helper has one share queued already.
-    pub(crate) fn send(&mut self, helper: usize, mut job: ShareJob) -> QueryResult<()> {
+    pub(crate) fn send(&mut self, helper: usize, job: ShareJob) -> QueryResult<()> {
         self.failed()?;
-        job.epoch = self.epoch;
-        let sent = self.queues.get(helper).map(|queue| queue.send(job).is_ok());
+        let epoch = self.epoch;
+        let sent = self
+            .queues
+            .get(helper)
+            .map(|queue| queue.send((job, epoch)).is_ok());
         if sent != Some(true) {
             return Err(gone());
         }
@@ -165,13 +170,12 @@ fn gone() -> Error {
 /// staging and notes them in the history. After a failure it skips (and reports as writing no
 /// records) the shares sent before the main connection took note of the failure: they may
 /// hold later versions of the failed share's keys, which must not be written before those.
-fn write_shares(conn: &mut Conn<'_>, jobs: Receiver<ShareJob>, report: Sender<QueryResult<usize>>) {
+fn write_shares(conn: &mut Conn<'_>, jobs: Receiver<Sent>, report: Sender<QueryResult<usize>>) {
     let mut failed_in = None;
-    for job in jobs {
-        let result = if failed_in == Some(job.epoch) {
+    for (job, epoch) in jobs {
+        let result = if failed_in == Some(epoch) {
             Ok(0)
         } else {
-            let epoch = job.epoch;
             let result = write_job(conn, job);
             if result.is_err() {
                 failed_in = Some(epoch);
@@ -194,7 +198,6 @@ fn write_job(conn: &mut Conn<'_>, job: ShareJob) -> QueryResult<usize> {
         loaded_at,
         started_at,
         started,
-        epoch: _,
     } = job;
     let writing = Writing {
         catalog: &catalog,
