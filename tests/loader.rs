@@ -2250,9 +2250,7 @@ fn a_table_that_cannot_be_loaded_fails_the_run_but_not_the_others(backend: Backe
 fn the_chunk_size_comes_from_the_flag_or_the_configuration(backend: Backend) {
     let db = TestDb::new(backend);
     let (server, key) = start(&db);
-    let config = db.dir().join("small-chunks.toml");
-    std::fs::write(&config, "[loader]\nchunk_size = 2\n").expect("writing a config file");
-    let config = config.to_string_lossy().into_owned();
+    let config = config_file(&db, "small-chunks.toml", "[loader]\nchunk_size = 2\n");
     let rec = |id: i64| json!({"id": id, "keys": ["id"]});
 
     push(
@@ -2525,13 +2523,11 @@ fn child_rows_left_by_a_root_deleted_by_hand_do_not_block_its_next_version(backe
 fn a_chunk_holds_no_more_bytes_than_configured(backend: Backend) {
     let db = TestDb::new(backend);
     let (server, key) = start(&db);
-    let config = db.dir().join("small-bytes.toml");
-    std::fs::write(
-        &config,
+    let config = config_file(
+        &db,
+        "small-bytes.toml",
         "[loader]\nchunk_size = 100\nchunk_max_bytes = 1000\n",
-    )
-    .expect("writing a config file");
-    let config = config.to_string_lossy().into_owned();
+    );
     let rec = |id: i64, size: usize| json!({"id": id, "keys": ["id"], "pad": "x".repeat(size)});
     let mut records: Vec<Value> = (1..=9).map(|id| rec(id, 250)).collect();
     records.insert(4, rec(100, 3000));
@@ -2546,25 +2542,9 @@ fn a_chunk_holds_no_more_bytes_than_configured(backend: Backend) {
     assert_staging_empty(&db);
     assert_eq!(warehouse_count(&db, CLIENT, "sized"), 10);
     let sizes: std::collections::HashMap<i64, usize> = staged.into_iter().collect();
-    let chunks: Vec<(i64, i64)> = rows(&db, "_intake_load_history", "\"id\"")
-        .iter()
-        .map(|h| {
-            (
-                h["first_seq"].as_i64().unwrap_or(-1),
-                h["last_seq"].as_i64().unwrap_or(-1),
-            )
-        })
-        .collect();
+    let chunks = assert_chunks_fit(&db, &sizes, 1000);
     assert!(chunks.len() >= 4, "chunks cut by size: {chunks:?}");
-    let mut covered = 0;
-    for (first, last) in &chunks {
-        let bytes: usize = (*first..=*last).filter_map(|s| sizes.get(&s)).sum();
-        covered += last - first + 1;
-        assert!(
-            bytes <= 1000 || first == last,
-            "chunk {first}..={last} holds {bytes} bytes"
-        );
-    }
+    let covered: i64 = chunks.iter().map(|(first, last)| last - first + 1).sum();
     assert_eq!(covered, 10, "every record in exactly one chunk: {chunks:?}");
 }
 
@@ -2573,14 +2553,12 @@ fn a_chunk_holds_no_more_bytes_than_configured(backend: Backend) {
 fn records_read_apart_for_their_size_load_whole(backend: Backend) {
     let db = TestDb::new(backend);
     let (server, key) = start(&db);
-    let config = db.dir().join("mixed-sizes.toml");
     // 300 bytes a record read with the rows.
-    std::fs::write(
-        &config,
+    let config = config_file(
+        &db,
+        "mixed-sizes.toml",
         "[loader]\nchunk_size = 4\nchunk_max_bytes = 1200\n",
-    )
-    .expect("writing a config file");
-    let config = config.to_string_lossy().into_owned();
+    );
     let pads: Vec<usize> = vec![100, 500, 100, 100, 700, 500, 100, 2000, 100, 100, 500];
     let records: Vec<Value> = pads
         .iter()
@@ -2605,17 +2583,40 @@ fn records_read_apart_for_their_size_load_whole(backend: Backend) {
         .collect();
     let expected: Vec<(i64, usize)> = (1i64..).zip(pads.iter().copied()).collect();
     assert_eq!(loaded, expected);
-    for h in rows(&db, "_intake_load_history", "\"id\"") {
-        let (first, last) = (
-            h["first_seq"].as_i64().unwrap_or(-1),
-            h["last_seq"].as_i64().unwrap_or(-1),
-        );
-        let bytes: usize = (first..=last).filter_map(|s| sizes.get(&s)).sum();
+    assert_chunks_fit(&db, &sizes, 1200);
+}
+
+/// Writes a configuration file into the test's directory; its path.
+fn config_file(db: &TestDb, name: &str, text: &str) -> String {
+    let path = db.dir().join(name);
+    std::fs::write(&path, text).expect("writing a config file");
+    path.to_string_lossy().into_owned()
+}
+
+/// The sequence range of every chunk in the load history, each checked to hold no more than
+/// `budget` bytes of staged records (`sizes` by sequence) unless it holds one record.
+fn assert_chunks_fit(
+    db: &TestDb,
+    sizes: &std::collections::HashMap<i64, usize>,
+    budget: usize,
+) -> Vec<(i64, i64)> {
+    let chunks: Vec<(i64, i64)> = rows(db, "_intake_load_history", "\"id\"")
+        .iter()
+        .map(|h| {
+            (
+                h["first_seq"].as_i64().unwrap_or(-1),
+                h["last_seq"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    for (first, last) in &chunks {
+        let bytes: usize = (*first..=*last).filter_map(|s| sizes.get(&s)).sum();
         assert!(
-            bytes <= 1200 || first == last,
+            bytes <= budget || first == last,
             "chunk {first}..={last} holds {bytes} bytes"
         );
     }
+    chunks
 }
 
 /// Records whose schema grows as they arrive: every ten bring a new field, then a field

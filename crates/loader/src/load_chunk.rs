@@ -331,9 +331,10 @@ pub fn load_chunk(
     // on while the caller waits for the helper: such a chunk is written by one connection,
     // after the helpers have finished what they were given.
     let has_markers = chunk.iter().any(Staged::is_activation);
-    let mut alone = ShareWriters::none();
+    let mut alone;
     let (writers, next_catalog) = if has_markers {
         writers.settle()?;
+        alone = ShareWriters::none();
         (&mut alone, None)
     } else {
         (writers, next_catalog)
@@ -1012,13 +1013,18 @@ fn split_by_stored_key(
     Ok(rows.split(&stored))
 }
 
-/// A helper's transaction settings: no synchronous commit, as for the caller's (the share's
-/// rows and its staging delete commit together). A helper can only wait on the caller, which
-/// may be waiting for it to settle, through someone else's lock queued between them (an ALTER
-/// TABLE by hand, say); the session's statement and lock timeouts
-/// (`database.statement_timeout_ms`) end that as a retryable error.
-pub(crate) fn helper_session(conn: &mut Conn<'_>) -> QueryResult<()> {
-    conn.execute("SET LOCAL synchronous_commit = off", [])?;
+/// Settings of a transaction that writes a chunk or a share (PostgreSQL): no synchronous
+/// commit, which is safe as the warehouse rows and their staging delete commit together (a
+/// commit lost in a crash loses both, and the records are simply loaded again), and spares an
+/// fsync wait per chunk. SQLite's `BEGIN IMMEDIATE` already made its transaction the only
+/// writer. A helper can only wait on the main connection, which may be waiting for it to
+/// settle, through someone else's lock queued between them (an ALTER TABLE by hand, say); the
+/// session's statement and lock timeouts (`database.statement_timeout_ms`) end that as a
+/// retryable error.
+pub(crate) fn chunk_session(conn: &mut Conn<'_>) -> QueryResult<()> {
+    if let Conn::Pg(_) = conn {
+        conn.execute("SET LOCAL synchronous_commit = off", [])?;
+    }
     Ok(())
 }
 

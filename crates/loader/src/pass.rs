@@ -14,8 +14,8 @@ use intake_core::db::{DbConn, DbPool};
 use crate::catalog::{Catalog, ensure_namespace};
 use crate::dialect::Dialect;
 use crate::load_chunk::{
-    ChunkOptions, ChunkOutcome, PlacedAhead, Prepared, load_chunk, parse_chunk, place_records,
-    record_history, record_rejections,
+    ChunkOptions, ChunkOutcome, PlacedAhead, Prepared, chunk_session, load_chunk, parse_chunk,
+    place_records, record_history, record_rejections,
 };
 use crate::queue::{self, ChunkLimits, Staged};
 use crate::share_writers::ShareWriters;
@@ -221,7 +221,6 @@ fn prepare_namespace(conn: &mut Conn<'_>, client_id: i64) -> QueryResult<()> {
 }
 
 enum Step {
-    Busy,
     Done,
     /// Outcome, records, first and last sequence, and whether more may be waiting.
     Loaded(ChunkOutcome, usize, i64, i64, bool),
@@ -303,9 +302,7 @@ fn load_chunks(
             Ok(Step::Done)
         } else {
             in_transaction(main, |c| {
-                if !lock_table(c, client_id, &table)? {
-                    return Ok(Step::Busy);
-                }
+                chunk_session(c)?;
                 cursor.load_next(c, reader.as_deref_mut(), writers)
             })
         };
@@ -313,7 +310,6 @@ fn load_chunks(
         let mut last = true;
         let mut failure = None;
         match step {
-            Ok(Step::Busy) => result.skipped_busy = true,
             Ok(Step::Done) => {}
             Ok(Step::Loaded(outcome, n, first, end, more)) => {
                 result.loaded += outcome.loaded;
@@ -457,7 +453,7 @@ impl TableCursor<'_> {
 }
 
 /// Re-reads the failed chunk and loads it in halves, recursively, rejecting single records
-/// that still fail. Returns `None` if the table was taken by another loader meanwhile.
+/// that still fail. Returns `None` if nothing is staged any more.
 fn salvage(
     conn: &mut Conn<'_>,
     client_id: i64,
@@ -490,12 +486,10 @@ fn load_split(
         return Ok(());
     };
     let attempt = in_transaction(conn, |c| {
-        if !lock_table(c, client_id, table)? {
-            return Ok(None);
-        }
+        chunk_session(c)?;
         let records = queue::read_range(c, client_id, table, first, last)?;
         if records.is_empty() {
-            return Ok(Some(ChunkOutcome::default()));
+            return Ok(ChunkOutcome::default());
         }
         let parsed = Prepared::Parsed(parse_chunk(c, client_id, table, &records)?);
         load_chunk(
@@ -509,15 +503,13 @@ fn load_split(
                 salvaging: true,
             },
         )
-        .map(Some)
     });
     match attempt {
-        Ok(Some(outcome)) => {
+        Ok(outcome) => {
             total.loaded += outcome.loaded;
             total.rejected += outcome.rejected;
             Ok(())
         }
-        Ok(None) => Ok(()),
         Err(e) if seqs.len() == 1 => {
             let reason = format!("could not be loaded: {e}");
             let started_at = intake_core::timestamps::now();
@@ -578,22 +570,11 @@ fn is_transient(error: &diesel::result::Error) -> bool {
     }
 }
 
-/// Takes the table's load lock for the current transaction (PostgreSQL); SQLite's
-/// `BEGIN IMMEDIATE` already made this transaction the only writer.
-fn lock_table(conn: &mut Conn<'_>, client_id: i64, table: &str) -> QueryResult<bool> {
-    // Safe without a synchronous commit: the warehouse write and the staging delete commit
-    // together, so a commit lost in a crash loses both and the records are simply loaded
-    // again. No fsync wait per chunk.
-    if let Conn::Pg(_) = conn {
-        conn.execute("SET LOCAL synchronous_commit = off", [])?;
-    }
-    table_lock(conn, "pg_try_advisory_xact_lock", client_id, table)
-}
-
-/// Takes the table's load lock for the session (PostgreSQL), beside each chunk's: so no other
-/// loader takes the table between two chunks of this pass, which then has no need to check
-/// that the chunk it read ahead is still staged (a count of its records was about 3% of a
-/// load's time). Released by [`release_table`], or with the session.
+/// Takes the table's load lock for the session (PostgreSQL), so that no other loader takes
+/// the table while this pass loads it, not even between two of its chunks (a lock per chunk
+/// transaction left the pass to count, under the lock, whether the chunk it had read ahead
+/// was still staged: about 3% of a load's time). Released by [`release_table`], or with the
+/// session; the chunks' transactions take no lock of their own.
 fn hold_table(conn: &mut Conn<'_>, client_id: i64, table: &str) -> QueryResult<bool> {
     table_lock(conn, "pg_try_advisory_lock", client_id, table)
 }

@@ -20,7 +20,7 @@ use diesel::result::Error;
 
 use crate::bulk::Val;
 use crate::catalog::Catalog;
-use crate::load_chunk::{Share, Writing, helper_session, record_history, write_share};
+use crate::load_chunk::{Share, Writing, chunk_session, record_history, write_share};
 use crate::queue;
 use crate::sql::{Conn, in_transaction};
 
@@ -206,7 +206,7 @@ fn write_job(conn: &mut Conn<'_>, job: ShareJob) -> QueryResult<usize> {
         salvaging: false,
     };
     in_transaction(conn, |c| {
-        helper_session(c)?;
+        chunk_session(c)?;
         let Share {
             root,
             children,
