@@ -31,6 +31,7 @@ both_backends!(
     an_array_in_an_object_and_an_array_in_array_elements_stay_apart,
     the_newest_version_of_a_key_wins,
     a_new_version_replaces_the_whole_record_and_its_child_rows,
+    keys_below_between_and_above_the_stored_ones_load_in_one_go,
     an_older_record_never_overwrites_a_newer_one,
     a_value_of_another_type_goes_to_a_typed_sibling_column,
     lossless_conversions_stay_in_the_first_column,
@@ -890,6 +891,73 @@ fn the_newest_version_of_a_key_wins(backend: Backend) {
         [json!([4, 0, 2]), json!([4, 1, 2]), json!([5, 0, 1])]
     );
     assert_staging_empty(&db);
+}
+
+/// Integer keys below, between and above the stored ones, and stored ones including the
+/// largest, in one chunk: the new ones are inserted and the stored ones replaced, with their
+/// child rows, in one go (no failed write isolating records: one history row for the chunk).
+/// On PostgreSQL only keys up to the largest stored one are looked up; this pins that
+/// neither a stored key nor a gap between stored keys is taken for a new one.
+fn keys_below_between_and_above_the_stored_ones_load_in_one_go(backend: Backend) {
+    let db = TestDb::new(backend);
+    let (server, key) = start(&db);
+    let order = |id: i64, v: &str| json!({"id": id, "keys": ["id"], "v": v, "items": [{"sku": v}]});
+    push(
+        &server,
+        &key,
+        "orders",
+        &[order(10, "a"), order(20, "a"), order(30, "a")],
+    );
+    load(&db);
+    let chunks_before = rows(&db, "_intake_load_history", "\"id\"").len();
+
+    push(
+        &server,
+        &key,
+        "orders",
+        &[
+            order(5, "b"),
+            order(20, "b"),
+            order(25, "b"),
+            order(30, "b"),
+            order(40, "b"),
+        ],
+    );
+    load(&db);
+    assert_staging_empty(&db);
+    assert!(rows(&db, "_intake_rejected", "\"seq\"").is_empty());
+    let history = rows(&db, "_intake_load_history", "\"id\"");
+    let second: Vec<(Value, Value)> = history[chunks_before..]
+        .iter()
+        .map(|h| (h["records_loaded"].clone(), h["error"].clone()))
+        .collect();
+    assert_eq!(second, [(json!(5), Value::Null)], "{history:#?}");
+    let versions: Vec<(i64, String)> = rows(&db, "orders", "\"id\"")
+        .iter()
+        .map(|r| (r["id"].as_i64().unwrap_or(-1), r["v"].to_string()))
+        .collect();
+    let expected: Vec<(i64, String)> = [
+        (5, "b"),
+        (10, "a"),
+        (20, "b"),
+        (25, "b"),
+        (30, "b"),
+        (40, "b"),
+    ]
+    .iter()
+    .map(|(id, v)| (*id, format!("{v:?}")))
+    .collect();
+    assert_eq!(versions, expected);
+    let items: Vec<(i64, String)> = rows(&db, "orders__items", "\"_intake_root_id\"")
+        .iter()
+        .map(|r| {
+            (
+                r["_intake_root_id"].as_i64().unwrap_or(-1),
+                r["sku"].to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(items, expected, "one item per key, of its newest version");
 }
 
 fn a_new_version_replaces_the_whole_record_and_its_child_rows(backend: Backend) {
