@@ -353,6 +353,10 @@ pub fn delete_seqs(
 
 /// The condition on `staged_records` that picks the listed sequences of a table, all within
 /// `first..=last`; the range bound keeps the plan an index scan whatever the statistics say.
+/// On PostgreSQL the list is a filter on that one range scan, looked up in a hash table,
+/// rather than an index condition, which walks down the index once per listed sequence: a
+/// share lists every other record of its chunk, and for 10,000 of 20,000 the walks took 24–28
+/// ms, the filter 9–10 ms (psql, `EXPLAIN ANALYZE`, the statement as a share runs it).
 fn listed_seqs(
     d: Dialect,
     client_id: i64,
@@ -365,7 +369,8 @@ fn listed_seqs(
     let listed = match d {
         Dialect::Postgres => {
             params.push(Param::IntArray(seqs.iter().map(|s| Some(*s)).collect()));
-            "seq = ANY($5)"
+            // `+ 0` keeps it out of the index condition.
+            "seq + 0 = ANY($5)"
         }
         Dialect::Sqlite => {
             params.push(Param::Text(Some(
