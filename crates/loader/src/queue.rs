@@ -353,10 +353,12 @@ pub fn delete_seqs(
 
 /// The condition on `staged_records` that picks the listed sequences of a table, all within
 /// `first..=last`; the range bound keeps the plan an index scan whatever the statistics say.
-/// On PostgreSQL the list is a filter on that one range scan, looked up in a hash table,
-/// rather than an index condition, which walks down the index once per listed sequence: a
-/// share lists every other record of its chunk, and for 10,000 of 20,000 the walks took 24–28
-/// ms, the filter 9–10 ms (psql, `EXPLAIN ANALYZE`, the statement as a share runs it).
+/// On PostgreSQL a list that covers much of its range (a share's records: about every other
+/// one of its chunk) is a filter on that one range scan, looked up in a hash table, rather
+/// than an index condition, which walks down the index once per listed sequence: for 10,000
+/// of 20,000 the walks took 24–28 ms, the filter 9–10 ms (psql, `EXPLAIN ANALYZE`). A sparse
+/// list (a few large records held back from a chunk) keeps the walks, which read only its
+/// rows.
 fn listed_seqs(
     d: Dialect,
     client_id: i64,
@@ -369,8 +371,13 @@ fn listed_seqs(
     let listed = match d {
         Dialect::Postgres => {
             params.push(Param::IntArray(seqs.iter().map(|s| Some(*s)).collect()));
-            // `+ 0` keeps it out of the index condition.
-            "seq + 0 = ANY($5)"
+            let span = last.saturating_sub(first).saturating_add(1);
+            if (seqs.len() as i64).saturating_mul(DENSE_LIST) >= span {
+                // `+ 0` keeps it out of the index condition.
+                "seq + 0 = ANY($5)"
+            } else {
+                "seq = ANY($5)"
+            }
         }
         Dialect::Sqlite => {
             params.push(Param::Text(Some(
@@ -381,6 +388,10 @@ fn listed_seqs(
     };
     (format!("{range} AND {listed}"), params)
 }
+
+/// A list of sequences is dense, for [`listed_seqs`], when it names at least one in this many
+/// of its range.
+const DENSE_LIST: i64 = 4;
 
 /// The records of a table with sequences in `first..=last` that are still staged.
 pub fn read_range(
