@@ -32,6 +32,7 @@ both_backends!(
     the_newest_version_of_a_key_wins,
     a_new_version_replaces_the_whole_record_and_its_child_rows,
     keys_below_between_and_above_the_stored_ones_load_in_one_go,
+    many_updates_with_a_few_new_keys_among_them_load_in_one_go,
     an_older_record_never_overwrites_a_newer_one,
     a_value_of_another_type_goes_to_a_typed_sibling_column,
     lossless_conversions_stay_in_the_first_column,
@@ -947,6 +948,77 @@ fn keys_below_between_and_above_the_stored_ones_load_in_one_go(backend: Backend)
     .iter()
     .map(|(id, v)| (*id, format!("{v:?}")))
     .collect();
+    assert_eq!(versions, expected);
+    let items: Vec<(i64, String)> = rows(&db, "orders__items", "\"_intake_root_id\"")
+        .iter()
+        .map(|r| {
+            (
+                r["_intake_root_id"].as_i64().unwrap_or(-1),
+                r["sku"].to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(items, expected, "one item per key, of its newest version");
+}
+
+/// Hundreds of updates of stored keys with a few new keys between them, then hundreds of
+/// new keys between stored ones, each in one chunk: every key ends with its newest version
+/// and its child rows, and no write fails into isolating records (one history row a chunk).
+/// On PostgreSQL a sample of the keys decides whether the rest are looked up one by one; in
+/// the first chunk it finds nearly all stored and the upsert writes them all, new keys too;
+/// in the second it finds them new and the rest are looked up.
+fn many_updates_with_a_few_new_keys_among_them_load_in_one_go(backend: Backend) {
+    let db = TestDb::new(backend);
+    let (server, key) = start(&db);
+    let order = |id: i64, v: &str| json!({"id": id, "keys": ["id"], "v": v, "items": [{"sku": v}]});
+    // Odd keys 1..=599.
+    let first: Vec<Value> = (0..300).map(|i| order(2 * i + 1, "a")).collect();
+    push(&server, &key, "orders", &first);
+    load(&db);
+    // Updates of 290 odd keys, and 10 even keys between them.
+    let mut second: Vec<Value> = (0..290).map(|i| order(2 * i + 1, "b")).collect();
+    second.extend((1..=10).map(|i| order(40 * i, "b")));
+    push(&server, &key, "orders", &second);
+    load(&db);
+    // Every even key below 600 not loaded yet: all new, all below the largest stored key.
+    let third: Vec<Value> = (1..300)
+        .map(|i| 2 * i)
+        .filter(|id| id % 40 != 0 || *id > 400)
+        .map(|id| order(id, "c"))
+        .collect();
+    push(&server, &key, "orders", &third);
+    load(&db);
+
+    assert_staging_empty(&db);
+    assert!(rows(&db, "_intake_rejected", "\"seq\"").is_empty());
+    let chunks: Vec<(Value, Value)> = rows(&db, "_intake_load_history", "\"id\"")
+        .iter()
+        .map(|h| (h["records_loaded"].clone(), h["error"].clone()))
+        .collect();
+    assert_eq!(
+        chunks,
+        [
+            (json!(300), Value::Null),
+            (json!(300), Value::Null),
+            (json!(third.len()), Value::Null)
+        ]
+    );
+    let expected: Vec<(i64, String)> = (1..600)
+        .map(|id| {
+            let v = if id % 2 == 1 {
+                if id < 580 { "b" } else { "a" }
+            } else if id % 40 == 0 && id <= 400 {
+                "b"
+            } else {
+                "c"
+            };
+            (id, format!("{v:?}"))
+        })
+        .collect();
+    let versions: Vec<(i64, String)> = rows(&db, "orders", "\"id\"")
+        .iter()
+        .map(|r| (r["id"].as_i64().unwrap_or(-1), r["v"].to_string()))
+        .collect();
     assert_eq!(versions, expected);
     let items: Vec<(i64, String)> = rows(&db, "orders__items", "\"_intake_root_id\"")
         .iter()
