@@ -902,12 +902,11 @@ fn the_newest_version_of_a_key_wins(backend: Backend) {
 fn keys_below_between_and_above_the_stored_ones_load_in_one_go(backend: Backend) {
     let db = TestDb::new(backend);
     let (server, key) = start(&db);
-    let order = |id: i64, v: &str| json!({"id": id, "keys": ["id"], "v": v, "items": [{"sku": v}]});
     push(
         &server,
         &key,
         "orders",
-        &[order(10, "a"), order(20, "a"), order(30, "a")],
+        &[versioned(10, "a"), versioned(20, "a"), versioned(30, "a")],
     );
     load(&db);
     let chunks_before = rows(&db, "_intake_load_history", "\"id\"").len();
@@ -917,11 +916,11 @@ fn keys_below_between_and_above_the_stored_ones_load_in_one_go(backend: Backend)
         &key,
         "orders",
         &[
-            order(5, "b"),
-            order(20, "b"),
-            order(25, "b"),
-            order(30, "b"),
-            order(40, "b"),
+            versioned(5, "b"),
+            versioned(20, "b"),
+            versioned(25, "b"),
+            versioned(30, "b"),
+            versioned(40, "b"),
         ],
     );
     load(&db);
@@ -933,29 +932,41 @@ fn keys_below_between_and_above_the_stored_ones_load_in_one_go(backend: Backend)
         .map(|h| (h["records_loaded"].clone(), h["error"].clone()))
         .collect();
     assert_eq!(second, [(json!(5), Value::Null)], "{history:#?}");
-    let versions: Vec<(i64, String)> = rows(&db, "orders", "\"id\"")
-        .iter()
-        .map(|r| (r["id"].as_i64().unwrap_or(-1), r["v"].to_string()))
-        .collect();
-    let expected: Vec<(i64, String)> = [
+    let expected = [
         (5, "b"),
         (10, "a"),
         (20, "b"),
         (25, "b"),
         (30, "b"),
         (40, "b"),
-    ]
-    .iter()
-    .map(|(id, v)| (*id, format!("{v:?}")))
-    .collect();
-    assert_eq!(versions, expected);
-    let items: Vec<(i64, String)> = rows(&db, "orders__items", "\"_intake_root_id\"")
+    ];
+    assert_versions(&db, &expected.map(|(id, v)| (id, v.to_owned())));
+}
+
+/// A record of `orders` whose version `v` shows in a column and in its one item's `sku`.
+fn versioned(id: i64, v: &str) -> Value {
+    json!({"id": id, "keys": ["id"], "v": v, "items": [{"sku": v}]})
+}
+
+/// Checks that `orders` holds exactly the keys of `expected`, each at its version (see
+/// [`versioned`]), with one item of that version.
+#[track_caller]
+fn assert_versions(db: &TestDb, expected: &[(i64, String)]) {
+    let versions: Vec<(i64, String)> = rows(db, "orders", "\"id\"")
         .iter()
         .map(|r| {
             (
-                r["_intake_root_id"].as_i64().unwrap_or(-1),
-                r["sku"].to_string(),
+                r["id"].as_i64().unwrap_or(-1),
+                r["v"].as_str().unwrap_or("?").to_owned(),
             )
+        })
+        .collect();
+    assert_eq!(versions, expected);
+    let items: Vec<(i64, String)> = rows(db, "orders__items", "\"_intake_root_id\"")
+        .iter()
+        .map(|r| {
+            let id = r["_intake_root_id"].as_i64().unwrap_or(-1);
+            (id, r["sku"].as_str().unwrap_or("?").to_owned())
         })
         .collect();
     assert_eq!(items, expected, "one item per key, of its newest version");
@@ -970,21 +981,20 @@ fn keys_below_between_and_above_the_stored_ones_load_in_one_go(backend: Backend)
 fn many_updates_with_a_few_new_keys_among_them_load_in_one_go(backend: Backend) {
     let db = TestDb::new(backend);
     let (server, key) = start(&db);
-    let order = |id: i64, v: &str| json!({"id": id, "keys": ["id"], "v": v, "items": [{"sku": v}]});
     // Odd keys 1..=599.
-    let first: Vec<Value> = (0..300).map(|i| order(2 * i + 1, "a")).collect();
+    let first: Vec<Value> = (0..300).map(|i| versioned(2 * i + 1, "a")).collect();
     push(&server, &key, "orders", &first);
     load(&db);
     // Updates of 290 odd keys, and 10 even keys between them.
-    let mut second: Vec<Value> = (0..290).map(|i| order(2 * i + 1, "b")).collect();
-    second.extend((1..=10).map(|i| order(40 * i, "b")));
+    let mut second: Vec<Value> = (0..290).map(|i| versioned(2 * i + 1, "b")).collect();
+    second.extend((1..=10).map(|i| versioned(40 * i, "b")));
     push(&server, &key, "orders", &second);
     load(&db);
     // Every even key below 600 not loaded yet: all new, all below the largest stored key.
     let third: Vec<Value> = (1..300)
         .map(|i| 2 * i)
         .filter(|id| id % 40 != 0 || *id > 400)
-        .map(|id| order(id, "c"))
+        .map(|id| versioned(id, "c"))
         .collect();
     push(&server, &key, "orders", &third);
     load(&db);
@@ -1012,24 +1022,10 @@ fn many_updates_with_a_few_new_keys_among_them_load_in_one_go(backend: Backend) 
             } else {
                 "c"
             };
-            (id, format!("{v:?}"))
+            (id, v.to_owned())
         })
         .collect();
-    let versions: Vec<(i64, String)> = rows(&db, "orders", "\"id\"")
-        .iter()
-        .map(|r| (r["id"].as_i64().unwrap_or(-1), r["v"].to_string()))
-        .collect();
-    assert_eq!(versions, expected);
-    let items: Vec<(i64, String)> = rows(&db, "orders__items", "\"_intake_root_id\"")
-        .iter()
-        .map(|r| {
-            (
-                r["_intake_root_id"].as_i64().unwrap_or(-1),
-                r["sku"].to_string(),
-            )
-        })
-        .collect();
-    assert_eq!(items, expected, "one item per key, of its newest version");
+    assert_versions(&db, &expected);
 }
 
 fn a_new_version_replaces_the_whole_record_and_its_child_rows(backend: Backend) {
