@@ -725,22 +725,20 @@ fn write_placed(
         }
         loaded = mine.seqs.len();
         seqs = mine.seqs;
+        seqs.extend(rejected.iter().map(|(s, _)| s.seq));
+        // Staging first, while the chunk's pages are likeliest still in the buffer cache.
+        queue::delete_seqs(conn, client_id, table, &seqs)?;
         write_share(conn, &writing, mine.root, mine.children)?;
     } else {
+        if let (Some(first), Some(last)) = (chunk.first(), chunk.last()) {
+            seqs = vec![first.seq, last.seq];
+            queue::delete_range(conn, client_id, table, first.seq, last.seq)?;
+        }
         for part in parts {
             write_share(conn, &writing, part.root, part.children)?;
         }
-        if let (Some(first), Some(last)) = (chunk.first(), chunk.last()) {
-            seqs = vec![first.seq, last.seq];
-        }
     }
     record_rejections(conn, client_id, table, &rejected)?;
-    if parallel {
-        seqs.extend(rejected.iter().map(|(s, _)| s.seq));
-        queue::delete_seqs(conn, client_id, table, &seqs)?;
-    } else if let (Some(&first), Some(&last)) = (seqs.first(), seqs.last()) {
-        queue::delete_range(conn, client_id, table, first, last)?;
-    }
     if let (Some(&first), Some(&last)) = (seqs.iter().min(), seqs.iter().max()) {
         record_history(
             conn,

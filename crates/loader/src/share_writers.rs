@@ -212,8 +212,8 @@ fn write_job(conn: &mut Conn<'_>, job: ShareJob) -> QueryResult<usize> {
             children,
             seqs,
         } = share;
-        write_share(c, &writing, root, children)?;
         queue::delete_seqs(c, client_id, &table, &seqs)?;
+        write_share(c, &writing, root, children)?;
         if let (Some(&first), Some(&last)) = (seqs.iter().min(), seqs.iter().max()) {
             record_history(
                 c,
