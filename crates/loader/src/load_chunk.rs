@@ -792,7 +792,11 @@ fn share_count(dialect: Dialect, helpers: usize, records: usize) -> usize {
 }
 
 /// The share a key belongs to: the same key, always the same share, so that its versions
-/// are ordered within one transaction.
+/// are ordered within one transaction, and across chunks too, since share i always goes to
+/// the same connection. (A split by position in the chunk, which would let each share's
+/// staging delete read only its own stretch, sends a key's versions in consecutive chunks to
+/// different connections: a helper a chunk behind then still holds the earlier version, and
+/// a key new in it is taken for new again and collides. Tried; the failures were salvaged.)
 fn share_for(key: &KeyOf<'_>, shares: usize) -> usize {
     let mut hasher = rustc_hash::FxHasher::default();
     key.hash(&mut hasher);
