@@ -2302,6 +2302,26 @@ fn a_database_error_rejects_only_the_records_at_fault(backend: Backend) {
 
 /// A rule the loader cannot know about: the database refuses rows of `table` whose `n` is
 /// `limit` or more, with a message naming `{table}_n_below_{limit}`.
+/// Makes each table (with its columns and child tables) from one record shaped like `seed`,
+/// then has the database refuse any `n` of 1,000 or more in it. Tables and columns come
+/// first because a chunk that changes the schema is written by one connection: the chunks
+/// that follow are shared between connections.
+fn tables_refusing_large_n(
+    db: &TestDb,
+    server: &Server,
+    key: &str,
+    tables: &[(&str, i64)],
+    seed: &Value,
+) {
+    for (table, _) in tables {
+        push(server, key, table, std::slice::from_ref(seed));
+    }
+    load(db);
+    for (table, _) in tables {
+        refuse_n_from(db, table, 1000);
+    }
+}
+
 fn refuse_n_from(db: &TestDb, table: &str, limit: i64) {
     let target = table_ref(db.backend, CLIENT, table);
     let rule = format!("{table}_n_below_{limit}");
@@ -2993,18 +3013,8 @@ fn a_share_that_fails_holds_up_no_later_chunk_and_reorders_no_version(backend: B
         ("lines_c", 19),
         ("lines_d", 20),
     ];
-    for (table, _) in tables {
-        push(
-            &server,
-            &key,
-            table,
-            &[json!({"id": 0, "keys": ["id"], "n": 0, "v": 0, "items": [0]})],
-        );
-    }
-    load(&db);
-    for (table, _) in tables {
-        refuse_n_from(&db, table, 1000);
-    }
+    let seed = json!({"id": 0, "keys": ["id"], "n": 0, "v": 0, "items": [0]});
+    tables_refusing_large_n(&db, &server, &key, &tables, &seed);
     // Two versions of 2,500 keys, in chunks of 1,000: the failing record (version 1 of its
     // key) is in the first chunk, its key's version 2 in the fourth.
     for (table, bad) in tables {
@@ -3062,20 +3072,8 @@ fn a_database_error_in_a_shared_chunk_rejects_only_the_record_at_fault(backend: 
         ("orders_c", 779),
         ("orders_d", 780),
     ];
-    for (table, _) in tables {
-        // Tables and columns first: a chunk that changes the schema is written by one
-        // connection.
-        push(
-            &server,
-            &key,
-            table,
-            &[json!({"id": 0, "keys": ["id"], "n": 0, "items": [0]})],
-        );
-    }
-    load(&db);
-    for (table, _) in tables {
-        refuse_n_from(&db, table, 1000);
-    }
+    let seed = json!({"id": 0, "keys": ["id"], "n": 0, "items": [0]});
+    tables_refusing_large_n(&db, &server, &key, &tables, &seed);
     for (table, bad) in tables {
         let records: Vec<Value> = (1..=1500)
             .map(|id| {
