@@ -51,6 +51,7 @@ both_backends!(
     the_chunk_size_comes_from_the_flag_or_the_configuration,
     more_than_1500_columns_overflow_into_one_json_column,
     run_fails_when_the_database_is_unreachable,
+    the_loader_names_postgresql_settings_that_slow_a_large_load,
 );
 
 const CLIENT: i64 = 42;
@@ -3128,6 +3129,50 @@ fn a_database_error_in_a_shared_chunk_rejects_only_the_record_at_fault(backend: 
                 .as_str()
                 .is_some_and(|r| r.contains(&format!("\"id\":{bad},")))),
             "{bad}: {rejected:#?}"
+        );
+    }
+}
+
+#[derive(QueryableByName)]
+struct SettingBytes {
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = BigInt)]
+    bytes: i64,
+}
+
+/// A loader says which of the two PostgreSQL settings that set the pace of a large backlog
+/// are still at PostgreSQL's defaults (read here from `pg_settings`, since the server may be
+/// tuned), and names none on SQLite.
+fn the_loader_names_postgresql_settings_that_slow_a_large_load(backend: Backend) {
+    let db = TestDb::new(backend);
+    let out = load(&db);
+    let named = |setting: &str| {
+        out.stderr
+            .lines()
+            .any(|l| l.contains(&format!("PostgreSQL's {setting} is at its default")))
+    };
+    if backend == Backend::Sqlite {
+        assert!(!out.stderr.contains("PostgreSQL's"), "{}", out.stderr);
+        return;
+    }
+    let settings: Vec<SettingBytes> = DbConnection::open(&db).load(
+        "SELECT name, setting::bigint * CASE unit WHEN '8kB' THEN 8192 WHEN 'MB' THEN 1048576 \
+           ELSE NULL END AS bytes \
+         FROM pg_settings WHERE name IN ('shared_buffers', 'max_wal_size')",
+    );
+    assert_eq!(settings.len(), 2);
+    for SettingBytes { name, bytes } in settings {
+        let default = if name == "shared_buffers" {
+            128 << 20
+        } else {
+            1 << 30
+        };
+        assert_eq!(
+            named(&name),
+            bytes <= default,
+            "{name} = {bytes} bytes:\n{}",
+            out.stderr
         );
     }
 }

@@ -13,7 +13,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use intake_core::db::{self, DatabaseTarget, DbPool};
 use intake_core::settings::Settings;
 
-use crate::pass::{Event, PassReport, run_pass};
+use crate::pass::{Event, PassReport, conn_of, run_pass};
+use crate::pg_settings;
 use crate::queue::ChunkLimits;
 
 #[derive(Parser)]
@@ -104,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     match cli.command {
         Command::Run { chunk_size } => {
+            advise_on_settings(&pool);
             let limits = chunk_limits(&settings, chunk_size, pool.is_sqlite());
             let report = one_pass(&pool, limits, &stop)?;
             Ok(exit_code(&report))
@@ -116,6 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 interval.unwrap_or(Duration::from_secs(settings.loader.interval_secs.max(1)));
             let limits = chunk_limits(&settings, chunk_size, pool.is_sqlite());
             log::info!("watching: a pass every {}s", interval.as_secs());
+            advise_on_settings(&pool);
             while !stop.load(Ordering::Relaxed) {
                 match one_pass(&pool, limits, &stop) {
                     Ok(_) => {}
@@ -133,6 +136,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_status(&pool, json)?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Says, once, which PostgreSQL settings would slow the load of a large backlog (see
+/// [`pg_settings`]). A database that cannot be asked now is the pass's to report.
+fn advise_on_settings(pool: &DbPool) {
+    let Ok(mut db) = pool.get() else {
+        return;
+    };
+    match pg_settings::advice(&mut conn_of(&mut db)) {
+        Ok(lines) => lines.iter().for_each(|line| log::info!("{line}")),
+        Err(e) => log::debug!("could not read PostgreSQL's settings: {e}"),
     }
 }
 

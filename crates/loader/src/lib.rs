@@ -18,6 +18,7 @@ pub mod pass;
 pub mod paths;
 pub mod pg_array;
 pub mod pg_copy;
+pub mod pg_settings;
 pub mod queue;
 pub mod schema_types;
 pub mod share_writers;
