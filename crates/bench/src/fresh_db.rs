@@ -28,6 +28,26 @@ mod tempdir {
     }
 }
 
+#[derive(diesel::QueryableByName)]
+struct ServerSettings {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    line: String,
+}
+
+/// PostgreSQL's version and the two settings that set the pace of a large load (see
+/// docs/configuration.md), for the heading of a run: figures mean little without them.
+pub fn pg_server_line() -> anyhow::Result<String> {
+    let mut admin = diesel::PgConnection::establish(&format!("{}/postgres", pg_server()))
+        .context("connecting to PostgreSQL (set INTAKE_BENCH_PG_URL)")?;
+    let row: ServerSettings = diesel::sql_query(
+        "SELECT 'PostgreSQL ' || current_setting('server_version') || ': shared_buffers ' || \
+           current_setting('shared_buffers') || ', max_wal_size ' || \
+           current_setting('max_wal_size') AS line",
+    )
+    .get_result(&mut admin)?;
+    Ok(row.line)
+}
+
 pub fn settings() -> DatabaseSettings {
     DatabaseSettings {
         url: String::new(),

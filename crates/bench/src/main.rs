@@ -100,7 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             chunk_size,
             writers,
         } => {
-            print_machine();
+            print_machine(backend != Backend::Sqlite);
             for b in [Backend::Postgres, Backend::Sqlite] {
                 if backend == b || backend == Backend::Both {
                     let chunk_size = chunk_size.unwrap_or_else(|| {
@@ -118,7 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch,
             paced_records,
         } => {
-            print_machine();
+            print_machine(backend != Backend::Sqlite);
             for b in [Backend::Postgres, Backend::Sqlite] {
                 if backend == b || backend == Backend::Both {
                     ingest::ingest(
@@ -136,13 +136,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             connections,
             seconds,
         } => {
-            print_machine();
+            print_machine(false);
             ingest::auth(connections, seconds)
         }
     }
 }
 
-fn print_machine() {
+/// The machine, and with `postgres` the PostgreSQL server's version and settings.
+fn print_machine(postgres: bool) {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -153,6 +154,12 @@ fn print_machine() {
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("machine: {cores} cores, {cpu}");
+    if postgres {
+        match fresh_db::pg_server_line() {
+            Ok(line) => println!("{line}"),
+            Err(e) => println!("PostgreSQL: settings not read ({e:#})"),
+        }
+    }
 }
 
 const CLIENT: i64 = 1;
