@@ -10,7 +10,7 @@ use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text};
 
 use crate::dialect::Dialect;
-use crate::sql::Conn;
+use crate::sql::{Conn, Param};
 
 /// A setting, by name, that is still at (or below) PostgreSQL's default.
 struct Advised {
@@ -50,10 +50,11 @@ pub fn advice(conn: &mut Conn<'_>) -> QueryResult<Vec<String>> {
     if conn.dialect() != Dialect::Postgres {
         return Ok(Vec::new());
     }
+    let names = ADVISED.iter().map(|a| Some(a.name.to_owned())).collect();
     let settings: Vec<Setting> = conn.load(
         "SELECT name, pg_size_bytes(current_setting(name)) AS bytes \
-         FROM unnest(ARRAY['max_wal_size', 'shared_buffers']) AS name",
-        Vec::new(),
+         FROM unnest($1::text[]) AS name",
+        vec![Param::TextArray(names)],
     )?;
     Ok(settings
         .iter()
