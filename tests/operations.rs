@@ -1,17 +1,20 @@
 //! What an operator relies on: keys never reach the logs while every request does, a dead
 //! database gives fast 503s instead of hangs, concurrent pushes to one table get distinct,
-//! consecutive sequence numbers, and the loader's memory settings yield to the environment.
-//! Each test runs on SQLite and on PostgreSQL.
+//! consecutive sequence numbers, the loader's memory settings yield to the environment, and a
+//! PostgreSQL on the same machine is reached without TLS unless asked for. Each test runs on
+//! SQLite and on PostgreSQL, except the last, which is about PostgreSQL alone.
 
 mod support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
+use diesel::QueryableByName;
+use diesel::sql_types::{Bool, Text};
 use serde_json::Value;
 use support::{
-    Backend, LoaderProcess, Reply, Server, TestDb, both_backends, issue_key, poll, secret_of,
-    staged_rows, unknown_key,
+    Backend, DbConnection, LoaderProcess, Reply, Server, TestDb, both_backends, issue_key, poll,
+    secret_of, staged_rows, unknown_key,
 };
 
 both_backends!(
@@ -377,4 +380,83 @@ fn thp_enabled(pid: u32) -> u32 {
         .find_map(|line| line.strip_prefix("THP_enabled:"))
         .and_then(|value| value.trim().parse().ok())
         .unwrap_or_else(|| panic!("no THP_enabled in /proc/{pid}/status:\n{status}"))
+}
+
+#[derive(QueryableByName)]
+struct SessionTls {
+    #[diesel(sql_type = Bool)]
+    ssl: bool,
+}
+
+#[derive(QueryableByName)]
+struct SettingText {
+    #[diesel(sql_type = Text)]
+    value: String,
+}
+
+/// Whether each session a server holds on the test database is encrypted.
+fn server_sessions_tls(db: &TestDb) -> Vec<bool> {
+    DbConnection::open(db)
+        .load::<SessionTls>(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() \
+             AND a.backend_type = 'client backend'",
+        )
+        .into_iter()
+        .map(|s| s.ssl)
+        .collect()
+}
+
+/// Starts a server with `url` as its database and waits until it holds sessions there.
+fn sessions_of_a_server_at(db: &TestDb, url: &str) -> Vec<bool> {
+    let server = Server::start(db, &[("DATABASE_URL", url)]);
+    assert_eq!(
+        server.get("/ready").status,
+        200,
+        "the server reaches PostgreSQL"
+    );
+    let sessions = poll("the server's sessions", Duration::from_secs(10), || {
+        let sessions = server_sessions_tls(db);
+        if sessions.is_empty() {
+            Err("none yet".into())
+        } else {
+            Ok(sessions)
+        }
+    });
+    drop(server);
+    poll(
+        "the server's sessions to end",
+        Duration::from_secs(10),
+        || match server_sessions_tls(db).len() {
+            0 => Ok(()),
+            n => Err(format!("{n} left")),
+        },
+    );
+    sessions
+}
+
+/// A PostgreSQL on the same machine is reached without TLS, which would encrypt traffic that
+/// never leaves it (docs/configuration.md, "Database URLs"), and with TLS when the URL asks.
+#[test]
+fn a_postgresql_on_this_machine_is_reached_without_tls_unless_the_url_asks() {
+    assert!(
+        std::env::var_os("PGSSLMODE").is_none(),
+        "PGSSLMODE is set: it chooses TLS for every connection, and this test checks the default"
+    );
+    let db = TestDb::new(Backend::Postgres);
+    let tls_offered = DbConnection::open(&db)
+        .load::<SettingText>("SELECT current_setting('ssl') AS value")
+        .into_iter()
+        .any(|s| s.value == "on");
+    let plain = sessions_of_a_server_at(&db, &db.url);
+    assert!(plain.iter().all(|ssl| !ssl), "{plain:?}");
+    if tls_offered {
+        // The same server, asked for TLS, gets it (and so would get it by `prefer` too).
+        let separator = if db.url.contains('?') { '&' } else { '?' };
+        let required =
+            sessions_of_a_server_at(&db, &format!("{}{separator}sslmode=require", db.url));
+        assert!(required.iter().all(|ssl| *ssl), "{required:?}");
+    } else {
+        println!("PostgreSQL offers no TLS here: only the plain default was checked");
+    }
 }
