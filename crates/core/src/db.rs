@@ -77,8 +77,8 @@ fn redact_url_password(url: &str) -> String {
 /// Asks libpq to try a PostgreSQL on this machine without TLS first (`sslmode=allow`), unless
 /// the URL says anything about TLS, names its host in its parameters, or `PGSSLMODE` is set.
 /// libpq's own default (`prefer`) encrypts even loopback traffic, which never leaves the
-/// machine: in the load bench that cost about 6% of the rate, on both sides of the
-/// connection (docs/benchmarks.md). A server that accepts only TLS still gets it: `allow`
+/// machine, on both sides of the connection: in the benchmarks that cost about 3.5% of the
+/// load's rate and 7% of the ingest's (docs/benchmarks.md). A server that accepts only TLS still gets it: `allow`
 /// falls back to an encrypted connection.
 fn with_local_sslmode(url: &str) -> String {
     let (rest, query) = url.split_once('?').unwrap_or((url, ""));
