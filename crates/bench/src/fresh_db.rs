@@ -1,5 +1,7 @@
 //! A database made for one benchmark run and removed after it.
 
+use std::path::PathBuf;
+
 use anyhow::Context;
 use diesel::{Connection, RunQueryDsl};
 use intake_core::db::{self, DatabaseTarget, DbPool};
@@ -14,7 +16,7 @@ fn pg_server() -> String {
 pub struct FreshDb {
     url: String,
     pg_name: Option<String>,
-    _dir: Option<tempdir::TempDir>,
+    dir: Option<tempdir::TempDir>,
     owned: bool,
 }
 
@@ -73,7 +75,7 @@ impl FreshDb {
             FreshDb {
                 url: format!("{}/{name}", pg_server()),
                 pg_name: Some(name),
-                _dir: None,
+                dir: None,
                 owned: true,
             }
         } else {
@@ -83,7 +85,7 @@ impl FreshDb {
             FreshDb {
                 url,
                 pg_name: None,
-                _dir: Some(tempdir::TempDir(dir)),
+                dir: Some(tempdir::TempDir(dir)),
                 owned: true,
             }
         };
@@ -98,6 +100,24 @@ impl FreshDb {
     /// The PostgreSQL database's name (None for SQLite).
     pub fn pg_name(&self) -> Option<&str> {
         self.pg_name.as_deref()
+    }
+
+    /// The directory on this machine where the database's commits are flushed to disk:
+    /// SQLite's own directory, or the one holding PostgreSQL's `pg_wal` when the server runs
+    /// here (reading `data_directory` needs a superuser; `None` otherwise).
+    pub fn log_dir(&self) -> Option<PathBuf> {
+        match &self.dir {
+            Some(dir) => Some(dir.0.clone()),
+            None => {
+                let mut admin =
+                    diesel::PgConnection::establish(&format!("{}/postgres", pg_server())).ok()?;
+                let row: ServerSettings =
+                    diesel::sql_query("SELECT current_setting('data_directory') AS line")
+                        .get_result(&mut admin)
+                        .ok()?;
+                crate::fsync_probe::pg_wal_parent(&row.line)
+            }
+        }
     }
 
     pub fn pool(&self) -> anyhow::Result<DbPool> {

@@ -13,6 +13,7 @@ use intake_core::staging::{self, StagedBatch};
 
 use crate::data::Generator;
 use crate::fresh_db::FreshDb;
+use crate::fsync_probe::{self, FsyncProbe};
 use crate::http_load::{self, Request};
 use crate::server_child::ServerChild;
 
@@ -70,6 +71,8 @@ pub fn ingest(
     // verification (argon2, about 35 ms, which `auth` reports on its own), and those few
     // dozen cold requests alone made the paced p99.
     http_load::run(connections, Duration::from_secs(1), &requests, 201, pace);
+    // The disk's own commit latency over the same seconds (see `fsync_probe`).
+    let probe = db.log_dir().map(|dir| FsyncProbe::start(&dir));
     let mut paced = http_load::run(
         connections,
         Duration::from_secs(seconds),
@@ -77,6 +80,11 @@ pub fn ingest(
         201,
         pace,
     );
+    let disk = match probe {
+        Some(Ok(probe)) => probe.finish().map_err(|e| e.to_string()),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("the database's directory is not on this machine, or not readable".into()),
+    };
     let mut result = http_load::run(
         connections,
         Duration::from_secs(seconds),
@@ -178,6 +186,32 @@ pub fn ingest(
         paced_p50.as_secs_f64() * 1000.0,
         paced_p99.as_secs_f64() * 1000.0
     );
+    match disk {
+        Ok(mut latencies) => {
+            // A stall holds up every commit waiting behind it, so its length counts more
+            // than its share of the samples: a 200 ms stall is one sample in a thousand
+            // but delays every request that arrives during it.
+            let stalls: Vec<Duration> = latencies
+                .iter()
+                .copied()
+                .filter(|l| *l >= Duration::from_millis(50))
+                .collect();
+            let stalled_ms = stalls.iter().sum::<Duration>().as_secs_f64() * 1000.0;
+            let mut ms = |q| {
+                fsync_probe::quantile(&mut latencies, q).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+            };
+            println!(
+                "  {:<34} {:>9} p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms; {} stalls of 50 ms or more, {stalled_ms:.0} ms in all (8 KiB + fdatasync beside the log, every 10 ms)",
+                "the disk's own fsync, while paced",
+                "",
+                ms(0.5),
+                ms(0.99),
+                ms(1.0),
+                stalls.len(),
+            );
+        }
+        Err(why) => println!("  the disk's own fsync was not measured: {why}"),
+    }
     println!(
         "  {:<34} {:>9.0} records/s  ({} records)",
         format!("baseline ({baseline_name})"),

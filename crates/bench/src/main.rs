@@ -6,6 +6,7 @@
 mod binaries;
 mod data;
 mod fresh_db;
+mod fsync_probe;
 mod http_load;
 mod ingest;
 mod measure;
