@@ -29,13 +29,18 @@ impl LoadResult {
 
     /// The q-quantile (0..=1) of successful latencies.
     pub fn quantile(&mut self, q: f64) -> Duration {
-        if self.ok_latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        self.ok_latencies.sort_unstable();
-        let i = ((self.ok_latencies.len() - 1) as f64 * q).round() as usize;
-        self.ok_latencies[i]
+        quantile(&mut self.ok_latencies, q)
     }
+}
+
+/// The q-quantile (0..=1) of `latencies`, which it sorts; zero when there are none.
+pub fn quantile(latencies: &mut [Duration], q: f64) -> Duration {
+    if latencies.is_empty() {
+        return Duration::ZERO;
+    }
+    latencies.sort_unstable();
+    let i = ((latencies.len() - 1) as f64 * q).round() as usize;
+    latencies[i]
 }
 
 /// Sends `requests` (cycled, each thread starting at its own offset) from `threads` threads
@@ -132,4 +137,18 @@ pub fn run(
     }
     result.elapsed = started.elapsed();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quantile_picks_the_nearest_rank_and_nothing_gives_zero() {
+        assert_eq!(quantile(&mut [], 0.99), Duration::ZERO);
+        let mut latencies = [3, 1, 2, 4, 5].map(Duration::from_millis);
+        assert_eq!(quantile(&mut latencies, 0.5), Duration::from_millis(3));
+        assert_eq!(quantile(&mut latencies, 1.0), Duration::from_millis(5));
+        assert_eq!(quantile(&mut latencies, 0.0), Duration::from_millis(1));
+    }
 }

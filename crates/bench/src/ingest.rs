@@ -13,7 +13,7 @@ use intake_core::staging::{self, StagedBatch};
 
 use crate::data::Generator;
 use crate::fresh_db::FreshDb;
-use crate::fsync_probe::{self, FsyncProbe};
+use crate::fsync_probe::FsyncProbe;
 use crate::http_load::{self, Request};
 use crate::server_child::ServerChild;
 
@@ -197,9 +197,7 @@ pub fn ingest(
                 .filter(|l| *l >= Duration::from_millis(50))
                 .collect();
             let stalled_ms = stalls.iter().sum::<Duration>().as_secs_f64() * 1000.0;
-            let mut ms = |q| {
-                fsync_probe::quantile(&mut latencies, q).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-            };
+            let mut ms = |q| http_load::quantile(&mut latencies, q).as_secs_f64() * 1000.0;
             println!(
                 "  {:<34} {:>9} p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms; {} stalls of 50 ms or more, {stalled_ms:.0} ms in all (8 KiB + fdatasync beside the log, every 10 ms)",
                 "the disk's own fsync, while paced",
