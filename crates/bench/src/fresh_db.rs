@@ -13,6 +13,13 @@ fn pg_server() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
+/// A connection to the server's `postgres` database, for creating and dropping databases
+/// and reading settings.
+fn admin_connection() -> anyhow::Result<diesel::PgConnection> {
+    diesel::PgConnection::establish(&format!("{}/postgres", pg_server()))
+        .context("connecting to PostgreSQL (set INTAKE_BENCH_PG_URL)")
+}
+
 pub struct FreshDb {
     url: String,
     pg_name: Option<String>,
@@ -20,7 +27,7 @@ pub struct FreshDb {
     owned: bool,
 }
 
-mod tempdir {
+pub(crate) mod tempdir {
     /// A directory removed on drop.
     pub struct TempDir(pub std::path::PathBuf);
     impl Drop for TempDir {
@@ -39,8 +46,7 @@ struct ServerSettings {
 /// PostgreSQL's version and the two settings that set the pace of a large load (see
 /// docs/configuration.md), for the heading of a run: figures mean little without them.
 pub fn pg_server_line() -> anyhow::Result<String> {
-    let mut admin = diesel::PgConnection::establish(&format!("{}/postgres", pg_server()))
-        .context("connecting to PostgreSQL (set INTAKE_BENCH_PG_URL)")?;
+    let mut admin = admin_connection()?;
     let row: ServerSettings = diesel::sql_query(
         "SELECT 'PostgreSQL ' || current_setting('server_version') || ': shared_buffers ' || \
            current_setting('shared_buffers') || ', max_wal_size ' || \
@@ -66,8 +72,7 @@ impl FreshDb {
         let tag = format!("{}_{}", std::process::id(), rand::random::<u32>());
         let db = if postgres {
             let name = format!("intake_bench_{tag}");
-            let mut admin = diesel::PgConnection::establish(&format!("{}/postgres", pg_server()))
-                .context("connecting to PostgreSQL (set INTAKE_BENCH_PG_URL)")?;
+            let mut admin = admin_connection()?;
             diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut admin)?;
             // Start from a clean slate: flush what earlier runs left dirty, so that their
             // checkpoint does not land in this run's figures. (Needs a superuser; best effort.)
@@ -109,8 +114,7 @@ impl FreshDb {
         match &self.dir {
             Some(dir) => Some(dir.0.clone()),
             None => {
-                let mut admin =
-                    diesel::PgConnection::establish(&format!("{}/postgres", pg_server())).ok()?;
+                let mut admin = admin_connection().ok()?;
                 let row: ServerSettings =
                     diesel::sql_query("SELECT current_setting('data_directory') AS line")
                         .get_result(&mut admin)
@@ -128,8 +132,7 @@ impl FreshDb {
 impl Drop for FreshDb {
     fn drop(&mut self) {
         if let (true, Some(name)) = (self.owned, &self.pg_name)
-            && let Ok(mut admin) =
-                diesel::PgConnection::establish(&format!("{}/postgres", pg_server()))
+            && let Ok(mut admin) = admin_connection()
         {
             let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                 .execute(&mut admin);

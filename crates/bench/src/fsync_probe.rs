@@ -87,12 +87,19 @@ pub fn pg_wal_parent(data_directory: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fresh_db::tempdir::TempDir;
+
+    /// A scratch directory of this test's own, removed when the test ends.
+    fn scratch(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("fsync-probe-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a scratch directory");
+        TempDir(dir)
+    }
 
     #[test]
     fn a_probe_measures_and_removes_its_file() {
-        let dir = std::env::temp_dir().join(format!("fsync-probe-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a scratch directory");
-        let probe = FsyncProbe::start(&dir).expect("the probe starts");
+        let dir = scratch("measures");
+        let probe = FsyncProbe::start(&dir.0).expect("the probe starts");
         let path = probe.path.clone();
         assert!(path.exists());
         std::thread::sleep(Duration::from_millis(50));
@@ -100,31 +107,26 @@ mod tests {
         assert!(!latencies.is_empty());
         assert!(latencies.iter().all(|l| *l > Duration::ZERO));
         assert!(!path.exists(), "the probe's file is removed");
-        std::fs::remove_dir_all(&dir).expect("the scratch directory is removed");
     }
 
     #[test]
     fn a_probe_dropped_unfinished_still_removes_its_file() {
-        let dir = std::env::temp_dir().join(format!("fsync-probe-drop-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a scratch directory");
-        let probe = FsyncProbe::start(&dir).expect("the probe starts");
+        let dir = scratch("dropped");
+        let probe = FsyncProbe::start(&dir.0).expect("the probe starts");
         let path = probe.path.clone();
         drop(probe);
         assert!(!path.exists(), "the probe's file is removed");
-        std::fs::remove_dir_all(&dir).expect("the scratch directory is removed");
     }
 
     #[test]
     fn the_log_directory_is_the_one_holding_pg_wal() {
-        let dir = std::env::temp_dir().join(format!("fsync-probe-wal-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a scratch directory");
-        let text = dir.to_str().expect("a UTF-8 path");
+        let dir = scratch("wal");
+        let text = dir.0.to_str().expect("a UTF-8 path");
         assert_eq!(pg_wal_parent(text), None, "no pg_wal, no directory");
-        std::fs::create_dir(dir.join("pg_wal")).expect("pg_wal");
+        std::fs::create_dir(dir.0.join("pg_wal")).expect("pg_wal");
         assert_eq!(
             pg_wal_parent(text),
-            Some(std::fs::canonicalize(&dir).expect("canonical"))
+            Some(std::fs::canonicalize(&dir.0).expect("canonical"))
         );
-        std::fs::remove_dir_all(&dir).expect("the scratch directory is removed");
     }
 }

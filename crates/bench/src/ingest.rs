@@ -191,12 +191,11 @@ pub fn ingest(
             // A stall holds up every commit waiting behind it, so its length counts more
             // than its share of the samples: a 200 ms stall is one sample in a thousand
             // but delays every request that arrives during it.
-            let stalls: Vec<Duration> = latencies
+            let stalls = latencies
                 .iter()
-                .copied()
-                .filter(|l| *l >= Duration::from_millis(50))
-                .collect();
-            let stalled_ms = stalls.iter().sum::<Duration>().as_secs_f64() * 1000.0;
+                .filter(|l| **l >= Duration::from_millis(50));
+            let stall_count = stalls.clone().count();
+            let stalled_ms = stalls.sum::<Duration>().as_secs_f64() * 1000.0;
             let mut ms = |q| http_load::quantile(&mut latencies, q).as_secs_f64() * 1000.0;
             println!(
                 "  {:<34} {:>9} p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms; {} stalls of 50 ms or more, {stalled_ms:.0} ms in all (8 KiB + fdatasync beside the log, every 10 ms)",
@@ -205,7 +204,7 @@ pub fn ingest(
                 ms(0.5),
                 ms(0.99),
                 ms(1.0),
-                stalls.len(),
+                stall_count,
             );
         }
         Err(why) => println!("  the disk's own fsync was not measured: {why}"),
